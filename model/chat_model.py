@@ -1,0 +1,155 @@
+"""The chat model: a plain T5 with the project's one generation entry point.
+
+``TextToTextModel`` subclasses ``T5ForConditionalGeneration`` and saves plain HF T5 folders, so anyone can load
+the result with ``AutoModelForSeq2SeqLM`` and no project code. Every stage, the CLI and the API generate through
+``my_generate``; contrastive search is implemented here because transformers 5 moved it out of the library.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, T5ForConditionalGeneration
+from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor)
+
+from config import EOS_ID, PAD_ID
+from model.chat_model_config import default_generation_config, t5_config
+
+SEARCH_TYPES = ("greedy", "beam", "sampling", "contrastive")
+
+
+class TextToTextModel(T5ForConditionalGeneration):
+    """T5 encoder-decoder with ``my_generate`` (greedy, beam, sampling, contrastive; KV cache always on)."""
+
+    @classmethod
+    def from_preset(cls, preset: str = "small", vocab_size: Optional[int] = None, **overrides) -> "TextToTextModel":
+        model = cls(t5_config(preset, vocab_size=vocab_size, **overrides))
+        model.generation_config = default_generation_config()
+        return model
+
+    # ------------------------------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as a plain T5 folder: ``architectures`` names the transformers class, not ours."""
+        if self.generation_config is None or self.generation_config.decoder_start_token_id is None:
+            self.generation_config = default_generation_config()
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        cfg_path = Path(save_directory) / "config.json"
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            cfg["architectures"] = ["T5ForConditionalGeneration"]
+            cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return out
+
+    # -------------------------------------------------------------------------------------- generation
+    def generation_kwargs(self, search_type: str, max_seq_len: int, **kw) -> GenerationConfig:
+        """The GenerationConfig for a search type; unknown types are an error naming the valid ones."""
+        if search_type not in SEARCH_TYPES:
+            raise ValueError(f"unknown search_type {search_type!r}; expected one of {', '.join(SEARCH_TYPES)}")
+        if not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+        base = dict(max_new_tokens=max_seq_len, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                    decoder_start_token_id=PAD_ID, use_cache=True,
+                    repetition_penalty=kw.get("repetition_penalty", 1.0))
+        if search_type == "greedy":
+            base.update(do_sample=False, num_beams=1)
+        elif search_type == "beam":
+            base.update(do_sample=False, num_beams=kw.get("num_beams", 4), early_stopping=True)
+        elif search_type == "sampling":
+            base.update(do_sample=True, num_beams=1, temperature=kw.get("temperature", 0.9),
+                        top_k=kw.get("top_k", 50), top_p=kw.get("top_p", 0.95))
+        return GenerationConfig(**base)
+
+    @torch.no_grad()
+    def my_generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                    max_seq_len: int = 256, search_type: str = "greedy", streamer=None,
+                    **kwargs) -> torch.Tensor:
+        """Generate responses; returns decoder ids starting with the decoder start token (``[PAD]``).
+
+        ``streamer`` (e.g. ``TextIteratorStreamer``) receives tokens as they are produced; use one per request.
+        Extra kwargs: ``num_beams``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
+        ``penalty_alpha`` and ``contrastive_top_k`` (contrastive search).
+        """
+        gen_cfg = self.generation_kwargs(search_type, max_seq_len, **kwargs)
+        if attention_mask is None:
+            attention_mask = (input_ids != PAD_ID).long()
+        if streamer is not None and input_ids.shape[0] != 1:
+            raise ValueError("streaming supports one prompt at a time (batch size 1)")
+        if search_type == "contrastive":
+            return self._contrastive_search(
+                input_ids, attention_mask, max_new_tokens=max_seq_len,
+                penalty_alpha=kwargs.get("penalty_alpha", 0.6), top_k=kwargs.get("contrastive_top_k", 4),
+                repetition_penalty=kwargs.get("repetition_penalty", 1.0), streamer=streamer)
+        if search_type == "beam" and streamer is not None:
+            # transformers cannot stream beams (the best beam is known only at the end): stream the result.
+            out = self.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
+            streamer.put(out[:, :1].cpu())
+            for t in out[0, 1:]:
+                streamer.put(t.view(1).cpu())
+            streamer.end()
+            return out
+        return self.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg,
+                             streamer=streamer)
+
+    def _contrastive_search(self, input_ids, attention_mask, max_new_tokens: int, penalty_alpha: float,
+                            top_k: int, repetition_penalty: float = 1.0, streamer=None) -> torch.Tensor:
+        """Contrastive search (Su et al. 2022) with the KV cache.
+
+        Each step scores the top-k candidates by ``(1 - alpha) * p(v) - alpha * max cos(h_v, h_<t)`` where ``h``
+        are the decoder's last hidden states; the k candidates are run in one batched decoder step over a copy of
+        the cache, and the cache of the chosen candidate is kept.
+        """
+        device = input_ids.device
+        bsz = input_ids.shape[0]
+        enc = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        dec = torch.full((bsz, 1), PAD_ID, dtype=torch.long, device=device)
+        if streamer is not None:
+            streamer.put(dec.cpu())
+        out = self(encoder_outputs=enc, attention_mask=attention_mask, decoder_input_ids=dec, use_cache=True,
+                   output_hidden_states=True, return_dict=True)
+        cache = out.cache
+        context_h = out.decoder_hidden_states[-1]  # (B, t, d)
+        logits = out.logits[:, -1, :]
+        processors = LogitsProcessorList()
+        if repetition_penalty and repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+        enc_h_k = enc.last_hidden_state.repeat_interleave(top_k, dim=0)
+        mask_k = attention_mask.repeat_interleave(top_k, dim=0)
+        for _ in range(max_new_tokens):
+            scores = processors(dec, logits.float())
+            probs = F.softmax(scores, dim=-1)
+            top_p, top_ids = probs.topk(top_k, dim=-1)  # (B, k)
+            cand_cache = _copy_cache(cache)
+            cand_cache.batch_repeat_interleave(top_k)
+            cand = self(encoder_outputs=(enc_h_k,), attention_mask=mask_k, decoder_input_ids=top_ids.reshape(-1, 1),
+                        cache=cand_cache, use_cache=True, output_hidden_states=True, return_dict=True)
+            cand_h = cand.decoder_hidden_states[-1][:, -1, :].reshape(bsz, top_k, -1)  # (B, k, d)
+            sim = F.cosine_similarity(cand_h.unsqueeze(2), context_h.unsqueeze(1), dim=-1)  # (B, k, t)
+            degeneration = sim.max(dim=-1).values
+            score = (1.0 - penalty_alpha) * top_p - penalty_alpha * degeneration
+            best = score.argmax(dim=-1)  # (B,)
+            next_tok = top_ids.gather(1, best.unsqueeze(1)).squeeze(1)
+            next_tok = torch.where(finished, torch.full_like(next_tok, PAD_ID), next_tok)
+            select = torch.arange(bsz, device=device) * top_k + best
+            cand.cache.batch_select_indices(select)
+            cache = cand.cache
+            logits = cand.logits[:, -1, :].reshape(bsz, top_k, -1)[torch.arange(bsz, device=device), best]
+            context_h = torch.cat([context_h, cand_h[torch.arange(bsz, device=device), best].unsqueeze(1)], dim=1)
+            dec = torch.cat([dec, next_tok.unsqueeze(1)], dim=1)
+            if streamer is not None:
+                streamer.put(next_tok.cpu())
+            finished |= next_tok == EOS_ID
+            if finished.all():
+                break
+        if streamer is not None:
+            streamer.end()
+        return dec
+
+
+def _copy_cache(cache):
+    """A deep copy of an encoder-decoder KV cache (tensors cloned), so candidates do not write into it."""
+    import copy
+    return copy.deepcopy(cache)

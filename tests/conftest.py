@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny tokenizer and model built here (nothing from a hub), and the shared data check."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from config import SHARED_DATA  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def require_shared_data(sub: str = "") -> Path:
+    """The path under ../shared/data; fail under CI=true when missing, skip otherwise."""
+    p = SHARED_DATA / sub
+    if not p.exists():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{p} is missing: CI must provide ../shared/data")
+        pytest.skip(f"{p} not available")
+    return p
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> dict:
+    from utils.demo_data import write_demo_data
+    return write_demo_data(tmp_path_factory.mktemp("demo_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(demo_data):
+    from model.tokenizer import train_tokenizer
+    lines = Path(demo_data["corpus"]).read_text(encoding="utf-8").splitlines()
+    return train_tokenizer(lines, vocab_size=1024, token_type="char")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A randomly initialised tiny model saved as a plain HF folder."""
+    from model.chat_model import TextToTextModel
+    from model.checkpoint import save_model_folder
+    torch.manual_seed(0)
+    model = TextToTextModel.from_preset("tiny", vocab_size=len(tiny_tokenizer))
+    return save_model_folder(model, tiny_tokenizer, tmp_path_factory.mktemp("models") / "tiny")
