@@ -109,15 +109,15 @@ def arithmetic_pairs(rng: random.Random) -> list[tuple[str, str]]:
             pairs.append((f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。"))
             if a >= b:
                 pairs.append((f"{a}减{b}等于多少？", f"{a}减{b}等于{a - b}。"))
-    for _ in range(150):
-        a, b = rng.randint(10, 99), rng.randint(1, 9)
-        pairs.append((f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。"))
+    for a in range(10, 100):
+        for b in rng.sample(range(1, 10), 4):
+            pairs.append((f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。"))
     return pairs
 
 
 def unit_pairs(rng: random.Random) -> list[tuple[str, str]]:
     pairs = []
-    for n in range(1, 20):
+    for n in range(1, 100):
         pairs.append((f"{n}千米等于多少米？", f"{n}千米等于{n * 1000}米。"))
         pairs.append((f"{n}千克等于多少克？", f"{n}千克等于{n * 1000}克。"))
         pairs.append((f"{n}米等于多少厘米？", f"{n}米等于{n * 100}厘米。"))
@@ -127,7 +127,7 @@ def unit_pairs(rng: random.Random) -> list[tuple[str, str]]:
 
 def numeral_pairs(rng: random.Random) -> list[tuple[str, str]]:
     pairs = []
-    for n in list(range(0, 100)) + rng.sample(range(100, 1000), 60):
+    for n in list(range(0, 100)) + rng.sample(range(100, 1000), 200):
         pairs.append((f"把数字{n}写成中文。", f"{n}写成中文是{chinese_number(n)}。"))
     return pairs
 
