@@ -60,9 +60,15 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 # ------------------------------------------------------------------------------------------ training
 @dataclass
 class TrainConfig:
-    """Pretraining (and, with ``is_finetune=True``, SFT) through the project's accelerate trainer."""
+    """Pretraining (and, with ``is_finetune=True``, SFT) through the project's accelerate trainer.
 
-    preset: str = "small"
+    ``train_file`` takes one file or several separated by commas, each optionally followed by ``:weight``
+    (``corpus.parquet:2,sft.parquet:0.5``): a weight is how many times the file's rows are used per epoch.
+    Files are parquet (``prompt``/``response`` or ``text`` columns) or ``.txt`` (one document per line).
+    """
+
+    preset: str = "small"  # model preset (tiny | small | base) for a model trained from scratch
+    stage: Optional[str] = None  # the TRAIN_PRESETS entry this config came from (informational)
     train_file: str = "data/generated/all/my_train_dataset.parquet"
     valid_file: Optional[str] = "data/generated/all/my_valid_dataset.parquet"
     tokenizer_dir: str = "model_save/tokenizer"
@@ -71,69 +77,112 @@ class TrainConfig:
     is_finetune: bool = False
     is_keep_training: bool = False
     freeze: str = "none"  # none | decoder_only (reference SFT: embeddings and encoder frozen)
+    dropout_rate: Optional[float] = None  # overrides the model's dropout (preset or pretrained config)
     epochs: int = 1
-    max_steps: int = -1
+    max_steps: int = -1  # optimizer updates; > 0 overrides epochs
     batch_size_per_gpu: int = 16
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-4
     weight_decay: float = 0.01
-    optimizer: str = "adamw"  # adamw | adafactor
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    optimizer: str = "adamw"  # adamw | adafactor (external LR: the schedule applies)
     lr_scheduler: str = "cosine"  # cosine | onecycle | constant
     warmup_steps: float = 0.02  # a fraction of total steps when < 1
+    min_lr_ratio: float = 0.1  # cosine ends at learning_rate * min_lr_ratio
+    div_factor: float = 25.0  # onecycle starts at learning_rate / div_factor
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | fp16 | bf16
+    cpu: bool = False  # train on CPU even when a GPU is visible
+    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
     max_source_len: int = 256
     max_target_len: int = 256
     streaming: bool = False
     shuffle_buffer: int = 10000
     group_by_length: bool = True
+    length_group_batches: int = 64  # batches sorted together when grouping by length
+    pad_to_multiple_of: int = 0  # 8 helps tensor cores on GPU; 0 pads to the batch's longest
     text_mode: str = "prefix"  # how `text` rows become pairs: prefix | span | mix
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0
     save_steps: int = 1000
     eval_steps: int = 1000
     logging_steps: int = 20
-    keep_last_n: int = 2
+    keep_last_n: int = 2  # newest checkpoints kept (plus the best one by eval loss)
+    save_best: bool = True  # export the best model by eval loss to output_dir/best (plain HF folder)
+    max_eval_samples: int = 1000
+    eval_batch_size: int = 32
     bleu_samples: int = 32
     seed: int = 23333
     num_workers: int = 0
-    log_with: str = "tensorboard"
+    log_with: str = "tensorboard"  # tensorboard | none
+    show_progress: bool = True
+    debug_dump_samples: bool = False  # tests: each rank writes the keys of the samples it trained on
+    debug_signal: Optional[str] = None  # tests: "STEP:SIGNAME" sends that signal to this process after STEP
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "pretrain": {},
     "sft": dict(is_finetune=True, learning_rate=1e-4, output_dir="model_save/sft",
-                train_file="data/generated/all/my_train_dataset.parquet", freeze="none"),
+                train_file="data/generated/all/my_train_dataset.parquet", freeze="none",
+                init_from="model_save/pretrain"),
+    # `make demo`: the tiny model on the embedded demo data (settings measured to answer the held-out
+    # questions; see README "Pretraining").
+    "demo_pretrain": dict(preset="tiny", train_file="data/demo/corpus.txt:1,data/demo/sft.parquet:1",
+                          valid_file="data/demo/sft_valid.parquet", tokenizer_dir="model_save/demo/tokenizer",
+                          output_dir="model_save/demo/pretrain", text_mode="mix", batch_size_per_gpu=32,
+                          learning_rate=3e-3, lr_scheduler="onecycle", warmup_steps=0.1, epochs=1,
+                          max_steps=600, max_source_len=64, max_target_len=64, save_steps=100000,
+                          eval_steps=100000, bleu_samples=8, num_threads=1, log_with="none"),
+    "demo_sft": dict(preset="tiny", is_finetune=True, train_file="data/demo/sft.parquet",
+                     valid_file="data/demo/sft_valid.parquet", init_from="model_save/demo/pretrain",
+                     output_dir="model_save/demo/sft", batch_size_per_gpu=32, learning_rate=3e-3,
+                     lr_scheduler="onecycle", warmup_steps=0.1, max_steps=1500, max_source_len=64,
+                     max_target_len=64, save_steps=100000, eval_steps=100000, bleu_samples=8,
+                     num_threads=1, log_with="none"),
 }
 
 
 @dataclass
 class DPOConfig:
+    """Preference optimisation (DPO/IPO) of the SFT model, full or LoRA (model/dpo.py, dpo_train.py)."""
+
     sft_model_dir: str = "model_save/sft"
+    ref_model_dir: Optional[str] = None  # the reference policy; default: the SFT model itself
     train_file: str = "data/generated/dpo/my_dpo_train.parquet"
-    valid_file: Optional[str] = None
+    valid_file: Optional[str] = "data/generated/dpo/my_dpo_valid.parquet"  # None: evaluate on train_file
     output_dir: str = "model_save/dpo"
     loss_type: str = "sigmoid"  # sigmoid | ipo
     beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
     use_lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_target_modules: tuple = ("q", "k", "v", "o")
-    precompute_ref_logps: bool = True
+    lora_target_modules: tuple = ("q", "k", "v", "o")  # T5 attention projections; "q,k,v,o,wi,wo" adds the FFN
+    merge_lora: bool = True  # after LoRA training also write a merged plain folder to output_dir/merged
+    precompute_ref_logps: bool = True  # one reference pass before training; no reference model in memory
     epochs: int = 1
     max_steps: int = -1
     batch_size_per_gpu: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-5
-    warmup_steps: float = 0.1
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"  # any transformers scheduler name: cosine | linear | constant_with_warmup
+    warmup_steps: float = 0.1  # a fraction of total steps when < 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | fp16 | bf16
     max_source_len: int = 256
     max_target_len: int = 256
-    save_steps: int = 500
+    group_by_length: bool = True
+    save_steps: int = 500  # 0: no checkpoints
+    keep_last_n: int = 2
     eval_steps: int = 100
     logging_steps: int = 10
     seed: int = 23333
     is_keep_training: bool = False
+    num_threads: int = 0  # CPU threads for torch (0: leave torch's default)
+    show_progress: bool = True
 
 
 @dataclass
@@ -159,10 +208,18 @@ class InferConfig:
     max_body_bytes: int = 64 * 1024
     max_concurrency: int = 2
     max_queue: int = 16
+    # multi-turn prompt: "q1[SEP]a1[SEP]q2" + [EOS] (the tokenizer maps "[SEP]" to its special id)
+    turn_sep: str = "[SEP]"
+    model_name: Optional[str] = None  # the id /v1/models reports; default: the model folder's name
+    torch_threads: int = 0  # 0 leaves torch's default
+    stream_interval_s: float = 0.02  # streamed pieces closer than this are sent together (fewer thread wake-ups)
+    # CTranslate2 (--engine ct2): converted once into ct2_dir (default <model_dir>/ct2), int8 on CPU
+    ct2_compute_type: str = "auto"  # auto (int8 on CPU, int8_float16 on GPU) | int8 | float32 | ...
+    ct2_dir: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def make_config(cls, preset: Optional[str] = None, presets: Optional[dict] = None, **overrides):
+def make_config(cls, preset: Optional[str] = None, presets: Optional[dict] = None, /, **overrides):
     """Build ``cls`` from a named preset plus overrides; unknown keys are an error, not silently dropped."""
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
@@ -185,3 +242,55 @@ def model_config(preset: str = "small", **overrides) -> ModelConfig:
 
 def asdict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+@dataclass
+class PipelineConfig:
+    """One config from raw data to a chat model (pipeline.py); each stage's own config takes the overrides."""
+
+    profile: str = "demo"
+    root: str = "model_save/demo"  # every stage writes below it; the final model is the folder itself
+    python: str = "python"  # "accelerate launch" for GPUs (set by the gpu profile)
+    demo_data: bool = True  # write the embedded demo data first
+    data_config: str = "data/sources/demo.yaml"
+    data_overrides: dict = field(default_factory=dict)
+    tokenizer: dict = field(default_factory=lambda: dict(vocab_size=1024, token_type="char"))
+    pretrain_stage: str = "demo_pretrain"
+    pretrain: dict = field(default_factory=dict)
+    sft_stage: str = "demo_sft"
+    sft: dict = field(default_factory=dict)
+    dpo: dict = field(default_factory=dict)
+    dpo_file: str = ""  # '' = the data stage's DPO parquet
+    use_dpo_model: bool = True  # the final model is the DPO model (else the SFT model)
+    ceval_dir: str = "data/demo/ceval"
+    ceval_split: str = "val"
+    ie_train: str = ""  # '' skips the triple-extraction fine-tune
+    ie_dev: str = ""
+    ie: dict = field(default_factory=dict)
+    heldout: str = "data/demo/heldout.json"
+    sample_prompts: tuple = ("你好", "中国的首都是哪里？", "怎样保持健康？", "12加7等于多少？", "把数字25写成中文。")
+
+
+PIPELINE_PROFILES: dict[str, dict[str, Any]] = {
+    "demo": {},
+    "cpu": dict(
+        profile="cpu", root="model_save/cpu", demo_data=False, data_config="data/sources/shared_all.yaml",
+        tokenizer=dict(vocab_size=8192, token_type="char"),
+        pretrain_stage="pretrain", sft_stage="sft",
+        ceval_dir=str(SHARED_DATA / "eval" / "ceval-exam"),
+        ie_train=str(SHARED_DATA / "ie" / "duie" / "duie_train_4000.json"),
+        ie_dev=str(SHARED_DATA / "ie" / "duie" / "duie_dev.json"),
+    ),
+    "gpu": dict(
+        profile="gpu", root="model_save/gpu", demo_data=False, python="accelerate launch --config_file accelerate.yaml",
+        data_config="data/sources/shared_all.yaml", tokenizer=dict(vocab_size=29298, token_type="char"),
+        pretrain_stage="pretrain", sft_stage="sft",
+        pretrain=dict(preset="base", batch_size_per_gpu=16, gradient_accumulation_steps=8, learning_rate=1e-4,
+                      lr_scheduler="onecycle", max_source_len=256, max_target_len=256),
+        sft=dict(batch_size_per_gpu=24, gradient_accumulation_steps=4, learning_rate=5e-5),
+        ceval_dir=str(SHARED_DATA / "eval" / "ceval-exam"),
+        ie_train=str(SHARED_DATA / "ie" / "duie" / "duie_train.json"),
+        ie_dev=str(SHARED_DATA / "ie" / "duie" / "duie_dev.json"),
+    ),
+}

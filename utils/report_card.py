@@ -1,0 +1,215 @@
+"""The pipeline's report card: one Markdown page with plots, built only from what the stages wrote.
+
+Nothing here recomputes or invents a figure: every number is read from a stage's own output (data report.json,
+trainer metrics.jsonl, DPO metrics, C-Eval results, IE scores, the pipeline's stage markers). A stage that did
+not run shows as "not run".
+"""
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from utils.logging_utils import read_jsonl
+from utils.plots import plot_curves
+
+VERSIONS = ("torch", "transformers", "accelerate", "tokenizers", "peft", "datasets", "pyarrow")
+
+
+def _load(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return "" if x is None else str(x)
+
+
+def _bar_png(labels: list[str], series: dict[str, list[float]], png: Path, title: str, stacked: bool = True):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(labels) + 2), 4))
+    bottom = np.zeros(len(labels))
+    width = 0.8 if stacked else 0.8 / max(1, len(series))
+    for i, (name, vals) in enumerate(series.items()):
+        v = np.asarray(vals, dtype=float)
+        if stacked:
+            ax.bar(labels, v, bottom=bottom, label=name)
+            bottom += v
+        else:
+            ax.bar(np.arange(len(labels)) + i * width, v, width=width, label=name)
+    if not stacked:
+        ax.set_xticks(np.arange(len(labels)) + width * (len(series) - 1) / 2, labels)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    plt.setp(ax.get_xticklabels(), rotation=60, ha="right", fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def data_section(root: Path, plots: Path) -> str:
+    rep = _load(root / "data" / "report.json")
+    if not rep:
+        return "## Data\n\nnot run\n"
+    reasons = list(next(iter(rep["sources"].values()))["dropped"].keys()) if rep["sources"] else []
+    rows = []
+    for name, s in rep["sources"].items():
+        rows.append([name, _fmt(s["rows_read"]), _fmt(s["kept"])] + [_fmt(s["dropped"][r]) for r in reasons]
+                    + [_fmt(s["chars_in"]), _fmt(s["chars_out"])])
+    t = rep["totals"]
+    rows.append(["**total**", _fmt(t["rows_read"]), _fmt(t["kept"])] + [_fmt(t["dropped"][r]) for r in reasons]
+                + [_fmt(t["chars_in"]), _fmt(t["chars_out"])])
+    names = list(rep["sources"])
+    series = {"kept": [rep["sources"][n]["kept"] for n in names]}
+    for r in reasons:
+        series[f"dropped: {r}"] = [rep["sources"][n]["dropped"][r] for n in names]
+    _bar_png(names, series, plots / "data_counts.png", "rows by source: kept and dropped by reason")
+    outputs = ", ".join(f"`{k}` {_fmt(v)}" for k, v in rep.get("outputs", {}).items())
+    return ("## Data\n\n" + _table(["source", "read", "kept"] + reasons + ["chars in", "chars out"], rows)
+            + f"\n\nOutputs: {outputs}. Read = kept + dropped: {t.get('adds_up')}.\n\n"
+            + "![data counts](plots/data_counts.png)\n")
+
+
+def tokenizer_section(root: Path) -> str:
+    tok_dir = root / "tokenizer"
+    stats = _load(tok_dir / "training_stats.json") or {}
+    if not (tok_dir / "tokenizer.json").is_file():
+        return "## Tokenizer\n\nnot run\n"
+    from model.tokenizer import load_tokenizer
+    import pandas as pd
+    tok = load_tokenizer(tok_dir)
+    cpt = None
+    valid = root / "data" / "my_valid_dataset.parquet"
+    if valid.is_file():
+        df = pd.read_parquet(valid).head(1000)
+        texts = [t for t in list(df["prompt"]) + list(df["response"]) if isinstance(t, str) and t]
+        n_tok = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        cpt = sum(len(t) for t in texts) / max(1, n_tok)
+    lines = [f"- vocabulary: {len(tok):,} tokens ({stats.get('token_type', tok.init_kwargs.get('token_type', '?'))}"
+             f" level)",
+             f"- characters per token on the validation split: {_fmt(cpt) if cpt else 'n/a'}",
+             f"- distinct pieces counted: {_fmt(stats.get('distinct_pieces'))}, texts: {_fmt(stats.get('texts'))}"]
+    return "## Tokenizer\n\n" + "\n".join(lines) + "\n"
+
+
+def curves_section(root: Path, plots: Path) -> str:
+    parts = ["## Training curves\n"]
+    for stage in ("pretrain", "sft", "dpo"):
+        m = root / stage / "metrics.jsonl"
+        if not m.is_file():
+            parts.append(f"- {stage}: not run")
+            continue
+        rows = read_jsonl(m)
+        keys = ["loss", "eval_loss", "lr"] if stage != "dpo" else None
+        png = plot_curves(m, plots / f"{stage}_curves.png", keys=keys, title=stage)
+        last = next((r for r in reversed(rows) if "loss" in r), {})
+        evals = [r for r in rows if "eval_loss" in r]
+        desc = f"- {stage}: {len(rows)} log rows, last loss {_fmt(last.get('loss'))}"
+        if evals:
+            desc += f", last eval loss {_fmt(evals[-1]['eval_loss'])}"
+        parts.append(desc)
+        if png:
+            parts.append(f"\n![{stage}](plots/{png.name})\n")
+    return "\n".join(parts) + "\n"
+
+
+def dpo_section(root: Path) -> str:
+    res = _load(root / "dpo" / "train_result.json") or _load(root / "dpo" / "dpo_result.json")
+    if not res:
+        return "## DPO\n\nnot run\n"
+    before, after = res.get("eval_before") or {}, res.get("eval_after") or {}
+    keys = sorted(set(before) | set(after))
+    rows = [[k, _fmt(before.get(k)), _fmt(after.get(k))] for k in keys]
+    return "## DPO\n\n" + _table(["metric", "before", "after"], rows) + "\n"
+
+
+def ceval_section(root: Path) -> str:
+    res = _load(root / "eval" / "ceval" / "summary.json") or _load(root / "eval" / "ceval" / "results.json")
+    if not res:
+        return "## C-Eval\n\nnot run\n"
+    cats = res.get("categories") or res.get("by_category") or {}
+    rows = [[c, _fmt(v.get("n") if isinstance(v, dict) else None),
+             _fmt(v.get("accuracy") if isinstance(v, dict) else v)] for c, v in cats.items()]
+    overall = res.get("overall") or res.get("average") or {}
+    acc = overall.get("accuracy") if isinstance(overall, dict) else overall
+    n_sub = len(res.get("subjects", {}))
+    return (f"## C-Eval\n\n{n_sub} subjects, overall accuracy {_fmt(acc)} (chance 0.25)\n\n"
+            + _table(["category", "questions", "accuracy"], rows) + "\n")
+
+
+def ie_section(root: Path) -> str:
+    cands = [root / "ie" / n for n in ("scores.json", "eval.json", "result.json", "ie_result.json")]
+    res = next((r for r in map(_load, cands) if r), None)
+    if not res:
+        return "## Triple extraction\n\nnot run\n"
+    flat = {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
+    return "## Triple extraction\n\n" + _table(["metric", "value"], [[k, _fmt(v)] for k, v in flat.items()]) + "\n"
+
+
+def chat_section(root: Path) -> str:
+    marker = _load(root / "stages" / "chat.json")
+    if not marker or not marker.get("result"):
+        return "## Sample chats\n\nnot run\n"
+    res = marker["result"]
+    parts = ["## Sample chats\n"]
+    if res.get("heldout"):
+        n_ok = sum(h["correct"] for h in res["heldout"])
+        parts.append(f"Held-out questions (never in training): {n_ok} of {len(res['heldout'])} correct\n")
+        parts.append(_table(["question", "answer", "expected", "correct"],
+                            [[h["prompt"], h["answer"], h["expected"], h["correct"]] for h in res["heldout"]]))
+        parts.append("")
+    parts.append(_table(["prompt", "answer"], [[s["prompt"], s["answer"].replace("\n", " ")] for s in res["samples"]]))
+    return "\n".join(parts) + "\n"
+
+
+def stages_section(root: Path) -> str:
+    rows = []
+    for f in sorted((root / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
+        m = _load(f) or {}
+        rows.append([m.get("stage", f.stem), _fmt(m.get("wall_s")), _fmt(m.get("peak_rss_mb")), m.get("finished", "")])
+    total = sum(float(r[1].replace(",", "") or 0) for r in rows if r[1])
+    return ("## Wall time and peak memory per stage\n\n" + _table(["stage", "wall s", "peak RSS MB", "finished"], rows)
+            + f"\n\nTotal: {total:.0f} s\n")
+
+
+def versions_section(cfg) -> str:
+    vers = []
+    for pkg in VERSIONS:
+        try:
+            vers.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            pass
+    cfg_json = json.dumps(cfg.__dict__, ensure_ascii=False, indent=1, default=str)
+    return (f"## Versions and config\n\nPython {platform.python_version()}, {', '.join(vers)}, "
+            f"{platform.machine()} {platform.system()}\n\n```json\n{cfg_json}\n```\n")
+
+
+def write_report_card(cfg) -> Path:
+    root = Path(cfg.root)
+    plots = root / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    sections = [f"# Report card: profile `{cfg.profile}`\n", data_section(root, plots), tokenizer_section(root),
+                curves_section(root, plots), dpo_section(root), ceval_section(root), ie_section(root),
+                chat_section(root), stages_section(root), versions_section(cfg)]
+    out = root / "report.md"
+    out.write_text("\n".join(sections), encoding="utf-8")
+    return out
