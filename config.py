@@ -150,7 +150,7 @@ class DPOConfig:
     sft_model_dir: str = "model_save/sft"
     ref_model_dir: Optional[str] = None  # the reference policy; default: the SFT model itself
     train_file: str = "data/generated/dpo/my_dpo_train.parquet"
-    valid_file: Optional[str] = "data/generated/dpo/my_dpo_valid.parquet"  # None: evaluate on train_file
+    valid_file: Optional[str] = None  # held-out pairs (build writes my_dpo_valid.parquet); None: train_file
     output_dir: str = "model_save/dpo"
     loss_type: str = "sigmoid"  # sigmoid | ipo
     beta: float = 0.1

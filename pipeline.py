@@ -140,7 +140,7 @@ def sample_chats(cfg: PipelineConfig) -> dict:
         from utils.api_server import sample_exchange
         console.rule("sample API exchange")
         exchange = sample_exchange(str(cfg.root))
-        console.print(exchange)
+        console.print(exchange, markup=False)
         result["api_exchange"] = exchange
     except ImportError as exc:  # the API module is optional for the report
         result["api_exchange"] = f"unavailable: {exc}"

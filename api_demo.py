@@ -1,0 +1,28 @@
+"""HTTP API: ``POST /api/chat`` (the reference's) and OpenAI-compatible ``/v1/chat/completions``.
+
+    python api_demo.py --model_dir=model_save/sft [--port=8812] [--api_key=KEY] [--engine=ct2]
+
+Any InferConfig field can be given (``--max_concurrency=4 --max_new_tokens=128``); the key may also come from
+the environment variable CHATLM_API_KEY (no key: no auth). The server lives in utils/api_server.py.
+"""
+from __future__ import annotations
+
+import sys
+
+import fire
+
+from config import InferConfig, make_config
+
+
+def main(**overrides) -> None:
+    from utils.api_server import serve
+    cfg = make_config(InferConfig, **overrides)
+    try:
+        serve(cfg)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,274 @@
+"""Generation speed: ChatBot.stream_chat, the HTTP API and CTranslate2 int8 against raw ``model.generate``.
+
+All paths answer the same prompts (from ../shared/data/sft/chatlm-samples) with the same greedy settings, in
+turn per prompt (so load from other processes hits them alike), on two models:
+* ``trained``: the ``tiny`` preset fitted for a few hundred steps on the shared SFT samples (or --model_dir),
+  used for CTranslate2's greedy agreement with torch fp32 (int8 changes some answers; float32 should not);
+* ``base``: the reference's 0.2B shape, random weights (embeddings scaled down so it emits text, not [PAD]):
+  per-token cost at the real size.
+
+ratio = stream_chat speed / raw generate speed on the base model (acceptance: >= 0.95), as the median over
+prompts of back-to-back pairs (other processes share the cores; "ratio_total_time" is the same from total times).
+
+    python bench/bench_generate.py            # ~10-15 min on 2 shared cores (--threads=2 on an idle machine)
+    python bench/bench_generate.py --quick    # ~2 min
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import fire  # noqa: E402
+import torch  # noqa: E402
+
+
+def _load_pairs(split: str):
+    import pandas as pd
+
+    from config import SHARED_DATA
+    p = SHARED_DATA / "sft" / "chatlm-samples" / f"my_{split}.parquet"
+    if not p.is_file():
+        raise SystemExit(f"{p} is missing: this benchmark reads ../shared/data/sft/chatlm-samples")
+    df = pd.read_parquet(p)
+    return list(zip(df["prompt"].astype(str), df["response"].astype(str)))
+
+
+def _build_models(work: Path, train_steps: int, model_dir, base_preset: str):
+    """(trained model folder, base-size random model folder)."""
+    from model.chat_model import TextToTextModel
+    from model.checkpoint import save_model_folder
+    from model.infer import fit_toy_model
+    from model.tokenizer import load_tokenizer, train_tokenizer
+
+    if model_dir:
+        trained = Path(model_dir)
+        tok = load_tokenizer(trained)
+    else:
+        pairs = _load_pairs("train_dataset_3k")
+        t0 = time.perf_counter()
+        tok = train_tokenizer([t for p in pairs for t in p], vocab_size=4096, token_type="char")
+        trained = fit_toy_model(work / "trained", pairs, tok, preset="tiny", steps=train_steps, batch_size=16,
+                                lr=2e-3)
+        print(f"trained the tiny model for {train_steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+    torch.manual_seed(0)
+    base = TextToTextModel.from_preset(base_preset, vocab_size=len(tok)).eval()
+    with torch.no_grad():  # tied random embeddings make a T5 copy [PAD] forever; damp them
+        base.shared.weight.mul_(0.05)
+    base_dir = save_model_folder(base, tok, work / f"{base_preset}_random")
+    del base
+    return trained, base_dir
+
+
+def _measure(model_dir: Path, prompts, max_new: int, threads: int, rounds: int, with_api: bool, ct2_dir: Path,
+             label: str):
+    """Per-path totals: tokens, seconds, time to first text; every prompt through every path in turn."""
+    import httpx
+
+    from model.infer import ChatBot, TokenStreamer
+    from utils.api_server import ServerThread, create_app
+
+    common = dict(model_dir=str(model_dir), max_new_tokens=max_new, max_prompt_tokens=256, torch_threads=threads,
+                  max_concurrency=1, search_type="greedy")
+    bot = ChatBot(**common)
+    gen_cfg = bot.model.generation_kwargs("greedy", max_new, repetition_penalty=bot.cfg.repetition_penalty)
+    try:
+        import ctranslate2  # noqa: F401
+        ct2 = ChatBot(**common, engine="ct2", ct2_dir=str(ct2_dir))
+    except ImportError:
+        ct2 = None
+        print("ctranslate2 is not installed: skipping --engine ct2", flush=True)
+    paths = ["raw_generate", "stream_chat"] + (["api_stream"] if with_api else []) + (["ct2_int8"] if ct2 else [])
+    tot = {p: {"tokens": 0, "seconds": 0.0, "ttft": [], "per_prompt": []} for p in paths}
+    mismatches = {p: 0 for p in paths}
+    server = ServerThread(create_app(bot)).__enter__() if with_api else None
+    client = httpx.Client(base_url=server.url, timeout=600) if server else None
+    from rich.progress import Progress
+    # warm-up: first calls pay one-off costs (thread pools, kernels' first run, the HTTP connection)
+    x0 = torch.tensor([bot.build_input_ids(prompts[0])])
+    bot.model.generate(input_ids=x0, attention_mask=torch.ones_like(x0),
+                       generation_config=bot.model.generation_kwargs("greedy", 4))
+    list(bot.stream_chat(prompts[0], max_new_tokens=4))
+    if ct2 is not None:
+        ct2.chat(prompts[0], max_new_tokens=4)
+    if client is not None:
+        client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": prompts[0]}],
+                                                  "max_tokens": 4})
+    try:
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"{label}: generating", total=rounds * len(prompts))
+            for _ in range(rounds):
+                for q in prompts:
+                    ids = bot.build_input_ids(q)
+                    x = torch.tensor([ids])
+                    # baseline: plain transformers generate, no project code in the loop
+                    t0 = time.perf_counter()
+                    out = bot.model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen_cfg)
+                    dt = time.perf_counter() - t0
+                    gen = out[0, 1:].tolist()
+                    n = len(gen)
+                    ref = bot.tokenizer.decode(gen, skip_special_tokens=True)
+                    tot["raw_generate"]["tokens"] += n
+                    tot["raw_generate"]["seconds"] += dt
+                    tot["raw_generate"]["per_prompt"].append(n / dt)
+
+                    t0 = time.perf_counter()
+                    first, text = None, ""
+                    for piece in bot.stream_chat(q):
+                        if first is None:
+                            first = time.perf_counter() - t0
+                        text += piece
+                    dt = time.perf_counter() - t0
+                    tot["stream_chat"]["tokens"] += n  # same greedy answer (checked below)
+                    tot["stream_chat"]["seconds"] += dt
+                    tot["stream_chat"]["per_prompt"].append(n / dt)
+                    tot["stream_chat"]["ttft"].append(first if first is not None else dt)
+                    mismatches["stream_chat"] += text != ref
+
+                    if client is not None:
+                        body = {"messages": [{"role": "user", "content": q}], "stream": True,
+                                "stream_options": {"include_usage": True}}
+                        t0 = time.perf_counter()
+                        first, text, used = None, "", 0
+                        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                            for line in r.iter_lines():
+                                if not line.startswith("data: ") or line == "data: [DONE]":
+                                    continue
+                                ev = json.loads(line[6:])
+                                if ev.get("usage"):
+                                    used = ev["usage"]["completion_tokens"]
+                                for ch in ev.get("choices", []):
+                                    c = ch["delta"].get("content")
+                                    if c:
+                                        if first is None:
+                                            first = time.perf_counter() - t0
+                                        text += c
+                        dt = time.perf_counter() - t0
+                        tot["api_stream"]["tokens"] += used
+                        tot["api_stream"]["seconds"] += dt
+                        tot["api_stream"]["per_prompt"].append(used / dt)
+                        tot["api_stream"]["ttft"].append(first if first is not None else dt)
+                        mismatches["api_stream"] += text != ref
+
+                    if ct2 is not None:
+                        stamps = []
+                        s = TokenStreamer(ct2.tokenizer, on_text=lambda _p: stamps.append(time.perf_counter()),
+                                          skip_first=False)
+                        t0 = time.perf_counter()
+                        r = ct2.generate(ids, streamer=s)
+                        dt = time.perf_counter() - t0
+                        tot["ct2_int8"]["tokens"] += r.completion_tokens
+                        tot["ct2_int8"]["seconds"] += dt
+                        tot["ct2_int8"]["per_prompt"].append(r.completion_tokens / dt)
+                        tot["ct2_int8"]["ttft"].append((stamps[0] - t0) if stamps else dt)
+                        mismatches["ct2_int8"] += r.text != ref
+                    progress.advance(task)
+    finally:
+        if client is not None:
+            client.close()
+            server.__exit__(None, None, None)
+    res = {}
+    raw_pp = tot["raw_generate"]["per_prompt"]
+    for p, v in tot.items():
+        ttft = sorted(v["ttft"])
+        # speed relative to raw generate on the same prompt, measured back to back: robust to load drifting
+        # over the run (other processes share these cores); the median over prompts
+        rel = sorted(a / b for a, b in zip(v["per_prompt"], raw_pp))
+        res[p] = {"tokens": v["tokens"], "seconds": round(v["seconds"], 3),
+                  "tokens_per_s": round(v["tokens"] / v["seconds"], 2) if v["seconds"] else None,
+                  "median_speed_vs_raw": round(rel[len(rel) // 2], 3) if rel else None,
+                  "ttft_median_ms": round(1000 * ttft[len(ttft) // 2], 1) if ttft else None,
+                  "answers_differing_from_raw": mismatches[p] if p != "raw_generate" else 0}
+    return res, bot, ct2
+
+
+def _agreement(bot, ct2_dir: Path, prompts, max_new: int, threads: int) -> dict:
+    """Share of prompts whose greedy answer is identical to torch fp32's, for ct2 int8 and ct2 float32."""
+    from model.infer import ChatBot
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        return {}
+    out = {}
+    ref = [bot.chat(q) for q in prompts]
+    for compute in ("int8", "float32"):
+        cb = ChatBot(model_dir=str(bot.model_dir), engine="ct2", ct2_dir=str(ct2_dir), ct2_compute_type=compute,
+                     max_new_tokens=max_new, max_prompt_tokens=256, torch_threads=threads)
+        got = [cb.chat(q) for q in prompts]
+        out[f"ct2_{compute}_greedy_equal_fp32"] = round(sum(a == b for a, b in zip(got, ref)) / len(ref), 3)
+    out["agreement_prompts"] = len(prompts)
+    return out
+
+
+def main(quick: bool = False, model_dir: str | None = None, n_prompts: int | None = None,
+         max_new_tokens: int | None = None, threads: int = 1, rounds: int = 1, train_steps: int | None = None,
+         n_agree: int | None = None, base_preset: str = "base", keep: bool = False):
+    torch.set_num_threads(threads)
+    n_prompts = n_prompts or (3 if quick else 12)
+    max_new = max_new_tokens or (24 if quick else 64)
+    train_steps = train_steps or (60 if quick else 200)
+    n_agree = n_agree or (16 if quick else 100)
+    test = _load_pairs("test_dataset_2k")
+    prompts = [p for p, _ in test if len(p) <= 60]
+    work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
+    t_start = time.perf_counter()
+    try:
+        trained, base_dir = _build_models(work, train_steps, model_dir, base_preset)
+        res_trained, bot_t, _ = _measure(trained, prompts[:max(n_prompts, 8)], max_new, threads, rounds, True,
+                                         work / "ct2_trained", "trained")
+        agree = _agreement(bot_t, work / "ct2_trained", prompts[:n_agree], max_new, threads)
+        del bot_t
+        res_base, _, _ = _measure(base_dir, prompts[:n_prompts], max_new, threads, rounds, True,
+                                  work / "ct2_base", base_preset)
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"greedy generation, {threads} thread(s), max_new_tokens={max_new}")
+    for col in ("model", "path", "tokens", "seconds", "tokens/s", "vs raw (total)", "vs raw (median pair)",
+                "TTFT ms (median)", "differs"):
+        table.add_column(col)
+    for name, res in (("trained tiny", res_trained), (f"{base_preset} (random)", res_base)):
+        raw = res["raw_generate"]["tokens_per_s"]
+        for p, v in res.items():
+            table.add_row(name, p, str(v["tokens"]), f"{v['seconds']:.1f}", f"{v['tokens_per_s']}",
+                          f"{v['tokens_per_s'] / raw:.3f}x", f"{v['median_speed_vs_raw']}x", str(v["ttft_median_ms"]),
+                          str(v["answers_differing_from_raw"]))
+    Console(width=150).print(table)
+    if agree:
+        print(f"CTranslate2 greedy answers equal to torch fp32 on {agree['agreement_prompts']} prompts (trained "
+              f"model): int8 {agree['ct2_int8_greedy_equal_fp32']:.1%}, float32 {agree['ct2_float32_greedy_equal_fp32']:.1%}")
+
+    def rel(res, p):
+        return round(res[p]["tokens_per_s"] / res["raw_generate"]["tokens_per_s"], 3) if p in res else None
+
+    summary = {
+        "bench": "generate",
+        # main figure: stream_chat speed / raw generate speed, median of per-prompt back-to-back pairs
+        "ratio": res_base["stream_chat"]["median_speed_vs_raw"],
+        "ratio_total_time": rel(res_base, "stream_chat"),
+        "ratio_trained_tiny": res_trained["stream_chat"]["median_speed_vs_raw"],
+        "ratio_total_time_trained_tiny": rel(res_trained, "stream_chat"),
+        "api_vs_raw_base": rel(res_base, "api_stream"),
+        "api_vs_raw_trained_tiny": rel(res_trained, "api_stream"),
+        "ct2_int8_vs_torch_fp32_base": rel(res_base, "ct2_int8"),
+        "ct2_int8_vs_torch_fp32_trained_tiny": rel(res_trained, "ct2_int8"),
+        **agree,
+        "threads": threads, "max_new_tokens": max_new, "quick": quick,
+        "base": res_base, "trained_tiny": res_trained,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    print(json.dumps(summary, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

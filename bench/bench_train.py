@@ -1,0 +1,181 @@
+"""Training throughput: train.py's trainer against transformers' Seq2SeqTrainer, same model and data, one run.
+
+Three trainers on the same initial weights, data, batch size and step count:
+  * ours       - model.trainer.train (train.py): AdamW, length-grouped batches, dynamic padding;
+  * hf_ref     - Seq2SeqTrainer with the reference project's settings (Adafactor, random sampling);
+  * hf_grouped - the same with ``train_sampling_strategy="group_by_length"``.
+Figure: non-pad training tokens (source + target) per second; ``ratio`` = ours / hf_ref. An MFU estimate divides
+the model FLOPs of those tokens by a matmul peak measured in the same run. Rounds alternate the trainers and the
+best round of each counts (the machine is shared: the best round is the least disturbed).
+
+    python bench/bench_train.py                 # small preset, CPU, ../shared/data chatlm-samples
+    python bench/bench_train.py --quick
+    python bench/bench_train.py --device cuda --preset base --bf16 --batch_size 1 --steps 200
+
+Last line: one JSON object {"bench": "train", "ratio": ..., ...}.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import fire  # noqa: E402
+import torch  # noqa: E402
+
+from config import SHARED_DATA, model_config  # noqa: E402
+
+DEFAULT_DATA = SHARED_DATA / "sft" / "chatlm-samples" / "my_train_dataset_3k.parquet"
+
+
+def measure_peak_flops(device: str, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Best matmul FLOP/s on this device (the MFU denominator), measured now, under today's load."""
+    n = 4096 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10 if device == "cuda" else 2):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        best = max(best, (10 if device == "cuda" else 2) * 2 * n ** 3 / dt)
+    return best
+
+
+def flops_per_token_pair(mc, vocab: int, src_len: float, tgt_len: float) -> tuple[float, float]:
+    """Training FLOPs (3x forward) per encoder token and per decoder token of a T5 (matmuls + attention)."""
+    d, inner, dff = mc.d_model, mc.num_heads * mc.d_kv, mc.d_ff
+    enc = mc.num_layers * (2 * 4 * d * inner + 2 * 2 * d * dff + 2 * 2 * src_len * inner)
+    enc += mc.num_decoder_layers * 2 * 2 * d * inner  # cross-attention keys and values of each source token
+    dec = mc.num_decoder_layers * (2 * 4 * d * inner + 2 * 2 * d * inner + 2 * 2 * d * dff
+                                   + 2 * 2 * tgt_len * inner + 2 * 2 * src_len * inner)
+    dec += 2 * d * vocab  # LM head
+    return 3 * enc, 3 * dec
+
+
+class CountingCollator:
+    """Seq2SeqCollator that records each batch's non-pad tokens (for the HF runs' token counts)."""
+
+    def __init__(self):
+        from model.dataset import Seq2SeqCollator
+        self.inner, self.counts = Seq2SeqCollator(), []
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.counts.append((int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum()),
+                            batch["input_ids"].shape[1], batch["labels"].shape[1]))
+        return batch
+
+
+def prepare(out: Path, train_file: str, preset: str, vocab_size: int, max_len: int) -> Path:
+    """A tokenizer trained on the bench data and a randomly initialised model folder both trainers start from."""
+    import pandas as pd
+    from model.chat_model import TextToTextModel
+    from model.checkpoint import save_model_folder
+    from model.tokenizer import train_tokenizer
+    df = pd.read_parquet(train_file, columns=["prompt", "response"])
+    texts = df["prompt"].tolist() + df["response"].tolist()
+    tok = train_tokenizer(texts, vocab_size=min(vocab_size, 8192), token_type="char")
+    torch.manual_seed(0)
+    model = TextToTextModel.from_preset(preset, vocab_size=max(vocab_size, len(tok)))
+    return save_model_folder(model, tok, out / "init")
+
+
+def run_ours(base: dict, init: Path, out: Path, device: str) -> dict:
+    from model.trainer import train, train_config
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    res = train(train_config(None, init_from=str(init), output_dir=str(out), **base))
+    tokens = res["train_tokens"]
+    return {"tokens": tokens, "seconds": res["runtime_s"], "tokens_per_s": tokens / res["runtime_s"],
+            "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None,
+            "final_loss": res.get("loss")}
+
+
+def run_hf(base: dict, init: Path, out: Path, device: str, group: bool, steps: int) -> dict:
+    from model.trainer import hf_train, train_config
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    coll = CountingCollator()
+    res = hf_train(train_config(None, init_from=str(init), output_dir=str(out), **base),
+                   reference_settings=True, group_by_length=group, data_collator=coll)
+    used = coll.counts[:steps]  # the dataloader may have collated one batch ahead
+    tokens = sum(a + b for a, b, _, _ in used)
+    return {"tokens": tokens, "seconds": res["train_runtime"], "tokens_per_s": tokens / res["train_runtime"],
+            "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None,
+            "final_loss": res.get("train_loss"), "counts": used}
+
+
+def main(quick: bool = False, device: str = "cpu", preset: str = "small", bf16: bool = False,
+         batch_size: int = 8, steps: int = 0, max_len: int = 256, num_threads: int = 1, rounds: int = 0,
+         train_file: str = str(DEFAULT_DATA), out_dir: str = "bench/out/train") -> dict:
+    torch.set_num_threads(num_threads)
+    if not Path(train_file).is_file():
+        raise FileNotFoundError(f"{train_file} not found: the bench reads ../shared/data (or pass --train_file)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch sees no GPU")
+    steps = steps or (12 if quick else 24)
+    rounds = rounds or (1 if quick else 2)
+    if quick:
+        max_len = min(max_len, 128)
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    mc = model_config(preset)
+    init = prepare(out, train_file, preset, mc.vocab_size, max_len)
+    vocab = json.loads((init / "config.json").read_text())["vocab_size"]
+    mp = "bf16" if bf16 else "no"
+    base = dict(preset=preset, train_file=train_file, valid_file=None, batch_size_per_gpu=batch_size,
+                max_steps=steps, max_source_len=max_len, max_target_len=max_len, learning_rate=1e-4,
+                warmup_steps=0.1, save_steps=10 ** 9, eval_steps=10 ** 9, logging_steps=steps, log_with="none",
+                show_progress=False, num_threads=num_threads, mixed_precision=mp, cpu=device == "cpu",
+                seed=42, keep_last_n=1, save_best=False)
+    runs: dict[str, list] = {"ours": [], "hf_ref": [], "hf_grouped": []}
+    for r in range(rounds):
+        runs["ours"].append(run_ours(base, init, out / f"ours{r}", device))
+        runs["hf_ref"].append(run_hf(base, init, out / f"hf_ref{r}", device, False, steps))
+        runs["hf_grouped"].append(run_hf(base, init, out / f"hf_grouped{r}", device, True, steps))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['tokens_per_s']:.0f} tok/s" for k, v in runs.items()),
+              flush=True)
+    best = {k: max(v, key=lambda x: x["tokens_per_s"]) for k, v in runs.items()}
+    # MFU: model FLOPs of the non-pad tokens (mean lengths from the HF run's batches) / measured matmul peak
+    counts = best["hf_ref"]["counts"]
+    src_len = sum(c[0] for c in counts) / (len(counts) * batch_size)
+    tgt_len = sum(c[1] for c in counts) / (len(counts) * batch_size)
+    f_src, f_tgt = flops_per_token_pair(mc, vocab, src_len, tgt_len)
+    flops_per_token = (f_src * src_len + f_tgt * tgt_len) / (src_len + tgt_len)
+    peak = measure_peak_flops(device, torch.bfloat16 if (bf16 and device == "cuda") else torch.float32)
+    params = sum(p.numel() for p in __import__("transformers").AutoModelForSeq2SeqLM.from_pretrained(
+        str(init)).parameters())
+    result = {"bench": "train", "ratio": round(best["ours"]["tokens_per_s"] / best["hf_ref"]["tokens_per_s"], 3),
+              "ratio_vs_hf_grouped": round(best["ours"]["tokens_per_s"] / best["hf_grouped"]["tokens_per_s"], 3),
+              "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({num_threads} thread(s))",
+              "preset": preset, "params": params, "dtype": mp, "batch_size": batch_size, "steps": steps,
+              "rounds": rounds, "max_len": max_len, "data": str(train_file),
+              "peak_matmul_tflops": round(peak / 1e12, 4), "flops_per_token": round(flops_per_token)}
+    for k, v in best.items():
+        result[f"{k}_tokens_per_s"] = round(v["tokens_per_s"], 1)
+        result[f"{k}_all_rounds_tokens_per_s"] = [round(x["tokens_per_s"], 1) for x in runs[k]]
+        result[f"{k}_mfu"] = round(v["tokens_per_s"] * flops_per_token / peak, 4)
+        if v["peak_gpu_mem_gb"] is not None:
+            result[f"{k}_peak_gpu_mem_gb"] = round(v["peak_gpu_mem_gb"], 3)
+    print(json.dumps(result))
+    return result
+
+
+def _cli(**kwargs) -> None:
+    main(**kwargs)
+
+
+if __name__ == "__main__":
+    fire.Fire(_cli)

@@ -1,0 +1,38 @@
+"""Preference optimisation (DPO / IPO) of the SFT model, full or LoRA, and LoRA adapter merging.
+
+    python dpo_train.py train --sft_model_dir=model_save/sft --train_file=data/generated/dpo/my_dpo_train.parquet
+    python dpo_train.py train --use_lora=True --output_dir=model_save/dpo_lora     # adapter + merged folder
+    accelerate launch dpo_train.py train ...                                        # 1..N GPUs
+    python dpo_train.py merge --adapter_dir=model_save/dpo_lora --output_dir=model_save/dpo_merged
+
+Every field of ``config.DPOConfig`` is a flag (``--beta=0.2 --loss_type=ipo``); the logic is in model/dpo.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import fire
+
+from config import DPOConfig, make_config
+
+
+def train(**overrides):
+    """Train with DPOConfig defaults overridden by the flags; prints the eval figures as JSON at the end."""
+    from model.dpo import train_dpo
+    cfg = make_config(DPOConfig, **overrides)
+    result = train_dpo(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        keys = ("steps", "output_dir", "eval_before", "eval_after", "train_time_s")
+        print(json.dumps({k: result[k] for k in keys if k in result}, ensure_ascii=False))
+
+
+def merge(adapter_dir: str, output_dir: str, base_model_dir: str | None = None):
+    """Fold a LoRA adapter into its base model (default: the one named in adapter_config.json) and write a
+    plain Hugging Face T5 folder."""
+    from model.dpo import merge_lora
+    print(f"merged model written to {merge_lora(adapter_dir, output_dir, base_model_dir)}")
+
+
+if __name__ == "__main__":
+    fire.Fire({"train": train, "merge": merge})

@@ -1,0 +1,1 @@
+"""Evaluation: multiple-choice harness for C-Eval and same-shaped sets (``eval.c_eval``)."""

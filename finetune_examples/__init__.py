@@ -1,0 +1,1 @@
+"""Downstream fine-tuning examples built on the project trainer."""

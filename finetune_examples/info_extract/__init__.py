@@ -1,0 +1,1 @@
+"""Downstream fine-tuning: triple extraction (DuIE / SKE) through the project trainer."""

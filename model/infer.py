@@ -1,0 +1,579 @@
+"""Inference: ``ChatBot`` (batch chat, streaming chat, multi-turn prompts) and the terminal chat loop.
+
+Every answer goes through ``TextToTextModel.my_generate`` (``engine="torch"``) or, optionally, through a
+CTranslate2 int8 copy of the same folder (``engine="ct2"``). Streaming uses one ``TokenStreamer`` per request
+(the reference shared one streamer across API requests); a streamer whose ``cancel`` event is set raises
+``GenerationCancelled`` from inside ``generate``, which is how a disconnected client stops its generation.
+
+Multi-turn prompt format (encoder input): ``q1[SEP]a1[SEP]q2[SEP]a2[SEP]q`` + ``[EOS]``; a system message, when
+given, is the first segment. History is fitted into ``history_tokens`` newest-first, so the oldest turns are
+dropped first; the system message and the current query are always kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from config import EOS_ID, PAD_ID, InferConfig, make_config
+from model.chat_model import SEARCH_TYPES
+from model.checkpoint import check_model_folder, load_model_folder, pick_device
+
+ENGINES = ("torch", "ct2")
+# Settings a caller may change per request; everything else is fixed by the server's config.
+GEN_KEYS = ("search_type", "max_new_tokens", "num_beams", "temperature", "top_k", "top_p",
+            "repetition_penalty", "penalty_alpha", "contrastive_top_k")
+History = Sequence[Sequence[str]]  # [(user, assistant), ...]
+
+
+class GenerationCancelled(Exception):
+    """Raised inside generation when the request's cancel event is set (client gone, Ctrl-C)."""
+
+
+class PromptTooLong(ValueError):
+    """The query (plus system message) alone does not fit ``max_prompt_tokens``."""
+
+    def __init__(self, n_tokens: int, limit: int):
+        super().__init__(f"the prompt has {n_tokens} tokens, more than the limit of {limit} "
+                         f"(max_prompt_tokens); shorten the message")
+        self.n_tokens, self.limit = n_tokens, limit
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    ids: list[int]  # generated ids (no decoder start token; [EOS] included when generated)
+    prompt_tokens: int
+    finish_reason: str  # "stop" ([EOS] reached) | "length" (max_new_tokens reached)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.ids)
+
+
+# ------------------------------------------------------------------------------------------ streaming
+class TokenStreamer(BaseStreamer):
+    """Incremental detokeniser for ONE request.
+
+    Emits text pieces whose concatenation equals ``tokenizer.decode(ids, skip_special_tokens=True)`` of the
+    whole answer: each step decodes only a short window, and a piece ending in an incomplete UTF-8 sequence
+    (byte-fallback tokens) is held back until the next token completes it. Pieces go to ``on_text`` or, without
+    it, to an internal queue that iterating the streamer drains. ``put`` raises ``GenerationCancelled`` once
+    ``cancel`` is set, which aborts ``generate`` at the next token.
+    """
+
+    _END = object()
+
+    def __init__(self, tokenizer, on_text: Optional[Callable[[str], None]] = None,
+                 cancel: Optional[threading.Event] = None, skip_first: bool = True, timeout: Optional[float] = None,
+                 min_interval: float = 0.0):
+        self.tokenizer = tokenizer
+        # Pieces closer together than min_interval seconds are delivered together: each delivery wakes the
+        # reading thread, and on a busy CPU those wake-ups (GIL hand-overs) cost the generating thread time.
+        self.min_interval = min_interval
+        self._pending: list[str] = []
+        self._last_delivery = 0.0
+        self.on_text = on_text
+        self.cancel = cancel if cancel is not None else threading.Event()
+        self.timeout = timeout
+        self._skip_first = skip_first  # generate() first puts the decoder start token
+        self.ids: list[int] = []
+        self.n_tokens = 0  # generated tokens seen, [EOS] included
+        self.eos = False
+        self.ended = False
+        self._prefix = 0
+        self._read = 0
+        self._prefix_text: Optional[str] = ""
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._backend = backend if hasattr(backend, "decode") and not getattr(
+            tokenizer, "clean_up_tokenization_spaces", False) else None
+        self._queue: Optional[queue.Queue] = None if on_text is not None else queue.Queue()
+        self.error: Optional[BaseException] = None
+
+    # generation side ------------------------------------------------------------------------------
+    def put(self, value) -> None:
+        if self.cancel.is_set():
+            raise GenerationCancelled()
+        if isinstance(value, torch.Tensor):
+            if value.dim() > 1:
+                if value.shape[0] != 1:
+                    raise ValueError("TokenStreamer serves one request (batch size 1)")
+                value = value[0]
+            value = value.tolist()
+        elif isinstance(value, int):
+            value = [value]
+        if self._skip_first:
+            self._skip_first = False
+            return
+        for t in value:
+            if self.eos:
+                break
+            self.n_tokens += 1
+            if t == EOS_ID:
+                self.eos = True
+                break
+            self.ids.append(int(t))
+        self._emit(final=False)
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        self._emit(final=True)
+        self.ended = True
+        if self._queue is not None:
+            self._queue.put(self._END)
+
+    def fail(self, exc: BaseException) -> None:
+        """Hand an exception from the generation thread to the reading side."""
+        self.error = exc
+        self.ended = True
+        if self._queue is not None:
+            self._queue.put(self._END)
+
+    def _decode(self, ids: list[int]) -> str:
+        # The Rust backend directly: what tokenizer.decode(..., clean_up_tokenization_spaces=False) returns,
+        # without its Python overhead (this runs once per generated token).
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _emit(self, final: bool) -> None:
+        if len(self.ids) == self._read and not final:
+            return
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self.ids[self._prefix:self._read])
+        prefix_text = self._prefix_text
+        new_text = self._decode(self.ids[self._prefix:])
+        if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
+            piece = new_text[len(prefix_text):]
+            self._prefix, self._read = self._read, len(self.ids)
+            self._prefix_text = None
+            self._pending.append(piece)
+        if self._pending and (final or self.min_interval <= 0
+                              or time.perf_counter() - self._last_delivery >= self.min_interval):
+            self._deliver()
+
+    def _deliver(self) -> None:
+        piece = "".join(self._pending)
+        self._pending.clear()
+        self._last_delivery = time.perf_counter()
+        if self.on_text is not None:
+            self.on_text(piece)
+        else:
+            self._queue.put(piece)
+
+    # reading side -----------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[str]:
+        if self._queue is None:
+            raise TypeError("a TokenStreamer with on_text is not iterable")
+        while True:
+            item = self._queue.get(timeout=self.timeout)
+            if item is self._END:
+                if self.error is not None and not isinstance(self.error, GenerationCancelled):
+                    raise self.error
+                return
+            yield item
+
+
+# --------------------------------------------------------------------------------------------- ct2
+def convert_to_ct2(model_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Convert a plain HF T5 folder to CTranslate2 once (float32 weights; quantised when loaded).
+
+    A marker records the source weights' size and mtime so a retrained model is converted again.
+    """
+    try:
+        from ctranslate2.converters import TransformersConverter
+    except ImportError as e:  # optional dependency
+        raise RuntimeError("--engine ct2 needs the ctranslate2 package: pip install ctranslate2==4.8.5") from e
+    src = check_model_folder(model_dir)
+    out = Path(out_dir) if out_dir else src / "ct2"
+    weights = src / "model.safetensors"
+    if not weights.is_file():
+        weights = src / "pytorch_model.bin"
+    st = weights.stat()
+    marker = {"source": str(weights.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    mfile = out / "source.json"
+    if mfile.is_file():
+        try:
+            if json.loads(mfile.read_text(encoding="utf-8")) == marker and (out / "model.bin").is_file():
+                return out
+        except json.JSONDecodeError:
+            pass
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    TransformersConverter(str(src)).convert(str(tmp), force=True)
+    (tmp / "source.json").write_text(json.dumps(marker), encoding="utf-8")
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+class CT2Engine:
+    """The same model through CTranslate2 (int8 on CPU by default). No contrastive search."""
+
+    def __init__(self, model_dir: str | Path, tokenizer, cfg: InferConfig):
+        import ctranslate2
+
+        path = convert_to_ct2(model_dir, cfg.ct2_dir)
+        dev = pick_device(cfg.device)
+        device = "cuda" if dev.type == "cuda" else "cpu"
+        compute = cfg.ct2_compute_type
+        if compute == "auto":
+            compute = "int8_float16" if device == "cuda" else "int8"
+        threads = cfg.torch_threads or torch.get_num_threads()
+        self.translator = ctranslate2.Translator(str(path), device=device, compute_type=compute,
+                                                 intra_threads=threads, inter_threads=max(1, cfg.max_concurrency))
+        self.tokenizer = tokenizer
+        self.compute_type = compute
+
+    def generate(self, batch_ids: list[list[int]], s: dict, streamer: Optional[TokenStreamer] = None
+                 ) -> list[list[int]]:
+        st = s["search_type"]
+        if st == "contrastive":
+            raise ValueError("contrastive search is not available with --engine ct2; use --engine torch")
+        kw = dict(max_decoding_length=s["max_new_tokens"], repetition_penalty=s["repetition_penalty"],
+                  return_end_token=True, max_input_length=0)
+        if st == "beam":
+            kw.update(beam_size=s["num_beams"])
+        elif st == "sampling":
+            kw.update(beam_size=1, sampling_topk=s["top_k"], sampling_topp=s["top_p"],
+                      sampling_temperature=s["temperature"])
+        else:
+            kw.update(beam_size=1)
+        cancelled = []
+        if streamer is not None and kw["beam_size"] == 1:
+            def callback(step) -> bool:
+                try:
+                    streamer.put([step.token_id])
+                except GenerationCancelled:
+                    cancelled.append(True)
+                    return True
+                return False
+            kw["callback"] = callback
+        src = [self.tokenizer.convert_ids_to_tokens(ids) for ids in batch_ids]
+        res = self.translator.translate_batch(src, **kw)
+        if cancelled:
+            raise GenerationCancelled()
+        outs = [self.tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in res]
+        if streamer is not None and kw["beam_size"] != 1:
+            streamer.put(outs[0])  # beams are known only at the end: stream the finished answer
+        return outs
+
+
+# ------------------------------------------------------------------------------------------ ChatBot
+def torch_thread_init(n: Optional[int] = None) -> Callable[[], None]:
+    """An initializer for generation threads: apply the intra-op thread count in the new thread.
+
+    torch.set_num_threads only reaches the OpenMP state of the thread that calls it; a fresh thread starts
+    with OpenMP's default (all cores), which on a busy 2-core machine made small ops many times slower.
+    """
+    n = n or torch.get_num_threads()
+    return lambda: torch.set_num_threads(n)
+
+
+class ChatBot:
+    """Loads a model folder and answers: ``chat`` (batch), ``stream_chat`` (one streamer per call), multi-turn.
+
+    ``ChatBot(model_dir="model_save/sft", search_type="sampling")`` or ``ChatBot(InferConfig(...))``; every
+    generation setting may also be given per call (``bot.chat("你好", max_new_tokens=64)``).
+    """
+
+    def __init__(self, cfg: Optional[InferConfig] = None, **overrides):
+        if cfg is None:
+            cfg = make_config(InferConfig, **overrides)
+        elif overrides:
+            cfg = dataclasses.replace(cfg, **overrides)
+        if cfg.engine not in ENGINES:
+            raise ValueError(f"unknown engine {cfg.engine!r}; expected one of {', '.join(ENGINES)}")
+        self.cfg = cfg
+        if cfg.torch_threads > 0:
+            torch.set_num_threads(cfg.torch_threads)
+        self.defaults = self.settings()  # validates the config's own settings
+        self.model_dir = check_model_folder(cfg.model_dir)
+        self.model_name = cfg.model_name or self.model_dir.resolve().name
+        self.engine = cfg.engine
+        if cfg.engine == "torch":
+            self.model, self.tokenizer = load_model_folder(self.model_dir, device=cfg.device)
+            self.ct2 = None
+        else:
+            from model.tokenizer import load_tokenizer
+            self.model = None
+            self.tokenizer = load_tokenizer(self.model_dir)
+            self.ct2 = CT2Engine(self.model_dir, self.tokenizer, cfg)
+        self._sep_ids = self._encode(cfg.turn_sep) if cfg.turn_sep else []
+        self._pool = None
+        self._pool_lock = threading.Lock()
+
+    # settings ----------------------------------------------------------------------------------------
+    def settings(self, **overrides) -> dict:
+        """The config's generation settings with per-request overrides, checked (clear ValueError)."""
+        unknown = sorted(set(overrides) - set(GEN_KEYS))
+        if unknown:
+            raise ValueError(f"unknown generation setting(s): {', '.join(unknown)}; valid: {', '.join(GEN_KEYS)}")
+        s = {k: getattr(self.cfg, k) for k in GEN_KEYS}
+        s.update({k: v for k, v in overrides.items() if v is not None})
+        if s["search_type"] not in SEARCH_TYPES:
+            raise ValueError(f"unknown search_type {s['search_type']!r}; expected one of {', '.join(SEARCH_TYPES)}")
+        for k in ("max_new_tokens", "num_beams", "top_k", "contrastive_top_k"):
+            if not isinstance(s[k], int) or isinstance(s[k], bool) or s[k] < 1:
+                raise ValueError(f"{k} must be a positive integer, got {s[k]!r}")
+        if not 0 < float(s["temperature"]) <= 100:
+            raise ValueError(f"temperature must be in (0, 100], got {s['temperature']!r}")
+        if not 0 < float(s["top_p"]) <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {s['top_p']!r}")
+        if not 0 < float(s["repetition_penalty"]) <= 10:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {s['repetition_penalty']!r}")
+        if not 0 <= float(s["penalty_alpha"]) <= 1:
+            raise ValueError(f"penalty_alpha must be in [0, 1], got {s['penalty_alpha']!r}")
+        return s
+
+    # prompts -----------------------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def build_input_ids(self, query: str, history: Optional[History] = None, system: Optional[str] = None,
+                        strict: bool = False) -> list[int]:
+        """Encoder ids for a query with history; oldest turns dropped first to fit the budgets.
+
+        ``strict`` raises ``PromptTooLong`` when the query (and system message) alone is over
+        ``max_prompt_tokens``; otherwise the query keeps its last tokens.
+        """
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a string, got {type(query).__name__}")
+        limit = self.cfg.max_prompt_tokens - 1  # room for [EOS]
+        head = (self._encode(system) + self._sep_ids) if system else []
+        q = self._encode(query)
+        if len(head) + len(q) > limit:
+            if strict:
+                raise PromptTooLong(len(head) + len(q) + 1, self.cfg.max_prompt_tokens)
+            if len(head) >= limit // 2:
+                head = []
+            q = q[-(limit - len(head)):]
+        budget = min(self.cfg.history_tokens, limit - len(head) - len(q))
+        turns: list[list[int]] = []
+        used = 0
+        for i, turn in enumerate(reversed(list(history or []))):
+            if len(turn) != 2:
+                raise ValueError(f"history turn {len(history) - 1 - i} must be a (user, assistant) pair, got {turn!r}")
+            seg = self._encode(str(turn[0])) + self._sep_ids + self._encode(str(turn[1])) + self._sep_ids
+            if used + len(seg) > budget:
+                break
+            turns.append(seg)
+            used += len(seg)
+        ids = list(head)
+        for seg in reversed(turns):
+            ids += seg
+        return ids + q + [EOS_ID]
+
+    # generation --------------------------------------------------------------------------------------
+    def new_streamer(self, on_text: Optional[Callable[[str], None]] = None,
+                     cancel: Optional[threading.Event] = None) -> TokenStreamer:
+        """A fresh streamer for one request (torch's generate first puts the decoder start token; ct2 does not)."""
+        return TokenStreamer(self.tokenizer, on_text=on_text, cancel=cancel, skip_first=self.ct2 is None,
+                             min_interval=self.cfg.stream_interval_s)
+
+    def _run(self, batch_ids: list[list[int]], s: dict, streamer: Optional[TokenStreamer] = None
+             ) -> list[list[int]]:
+        """Generated ids per prompt, cut after the first [EOS] (which is kept)."""
+        if self.ct2 is not None:
+            outs = self.ct2.generate(batch_ids, s, streamer)
+        else:
+            width = max(len(x) for x in batch_ids)
+            ids = torch.full((len(batch_ids), width), PAD_ID, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, x in enumerate(batch_ids):
+                ids[i, :len(x)] = torch.tensor(x)
+                mask[i, :len(x)] = 1
+            dev = self.model.device
+            extra = {k: s[k] for k in GEN_KEYS if k not in ("search_type", "max_new_tokens")}
+            out = self.model.my_generate(ids.to(dev), mask.to(dev), max_seq_len=s["max_new_tokens"],
+                                         search_type=s["search_type"], streamer=streamer, **extra)
+            outs = [row[1:] for row in out.tolist()]  # drop the decoder start token
+        cut = []
+        for row in outs:
+            if EOS_ID in row:
+                row = row[:row.index(EOS_ID) + 1]
+            cut.append(row)
+        return cut
+
+    def _result(self, gen: list[int], n_prompt: int) -> GenerationResult:
+        text = self.tokenizer.decode(gen, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return GenerationResult(text=text, ids=gen, prompt_tokens=n_prompt,
+                                finish_reason="stop" if gen and gen[-1] == EOS_ID else "length")
+
+    def generate(self, input_ids: list[int], streamer: Optional[TokenStreamer] = None, **overrides
+                 ) -> GenerationResult:
+        """One prompt (ids from ``build_input_ids``), blocking; the API runs this in its worker threads."""
+        s = self.settings(**overrides)
+        try:
+            gen = self._run([list(input_ids)], s, streamer)[0]
+        except BaseException as e:
+            if streamer is not None:
+                streamer.fail(e)
+            raise
+        if streamer is not None:
+            streamer.end()
+        return self._result(gen, len(input_ids))
+
+    def chat(self, query: str | Sequence[str], history: Optional[History | Sequence[History]] = None,
+             system: Optional[str] = None, **overrides) -> str | list[str]:
+        """Answer one query (returns a string) or a batch of queries (a list; ``history`` one per query)."""
+        single = isinstance(query, str)
+        queries = [query] if single else list(query)
+        if not queries:
+            return []
+        histories = [history] if single else (list(history) if history is not None else [None] * len(queries))
+        if len(histories) != len(queries):
+            raise ValueError(f"got {len(queries)} queries but {len(histories)} histories")
+        s = self.settings(**overrides)
+        batch = [self.build_input_ids(q, h, system) for q, h in zip(queries, histories)]
+        texts = [self._result(g, len(b)).text for g, b in zip(self._run(batch, s), batch)]
+        return texts[0] if single else texts
+
+    def stream_chat(self, query: str, history: Optional[History] = None, system: Optional[str] = None,
+                    cancel: Optional[threading.Event] = None, **overrides) -> Iterator[str]:
+        """Yield the answer in pieces as it is generated (own streamer and thread per call).
+
+        Closing the iterator early (``break``, Ctrl-C) or setting ``cancel`` stops the generation.
+        """
+        s = self.settings(**overrides)
+        ids = self.build_input_ids(query, history, system)
+        streamer = self.new_streamer(cancel=cancel)
+
+        def work():
+            try:
+                self.generate(ids, streamer=streamer, **s)
+            except GenerationCancelled:
+                pass
+            except BaseException as e:  # surfaced to the reader by TokenStreamer.__iter__
+                streamer.fail(e)
+
+        fut = self._stream_pool().submit(work)
+        try:
+            yield from streamer
+        finally:
+            if not fut.done():
+                streamer.cancel.set()
+            fut.result()
+
+    def _stream_pool(self):
+        """Reused threads for stream_chat: starting a thread per answer cost ms on a busy CPU."""
+        if self._pool is None:
+            with self._pool_lock:
+                if self._pool is None:
+                    import concurrent.futures
+                    self._pool = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=64, thread_name_prefix="chatbot-stream", initializer=torch_thread_init())
+        return self._pool
+
+
+# ------------------------------------------------------------------------------------------ terminal
+def chat_loop(bot: ChatBot, console=None, read: Optional[Callable[[str], str]] = None,
+              lines: Optional[Iterable[str]] = None) -> int:
+    """Terminal chat: streaming answers, ``exit`` quits, ``cls`` clears the screen and the history.
+
+    Returns the number of answered turns. ``lines`` (tests) replaces interactive input.
+    """
+    from rich.console import Console
+    from rich.text import Text
+
+    console = console or Console()
+    it = iter(lines) if lines is not None else None
+    if read is None:
+        def read(prompt: str) -> str:
+            if it is not None:
+                try:
+                    line = next(it)
+                except StopIteration:
+                    raise EOFError from None
+                console.print(Text(prompt + line, style="bold green"))
+                return line
+            line = console.input(f"[bold green]{prompt}[/]")
+            if not sys.stdin.isatty():  # piped input is not echoed: show it
+                console.print(line, highlight=False)
+            return line
+    console.print(f"[bold]ChatBot[/] ({bot.model_name}, {bot.engine}, {bot.cfg.search_type}) - "
+                  f"type [cyan]exit[/] to quit, [cyan]cls[/] to clear the screen and the history")
+    history: list[tuple[str, str]] = []
+    answered = 0
+    while True:
+        try:
+            query = read("User: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            break
+        if not query:
+            continue
+        if query.lower() == "exit":
+            break
+        if query.lower() == "cls":
+            console.clear()
+            history.clear()
+            console.print("[dim]screen and history cleared[/]")
+            continue
+        answer = ""
+        # Pieces are printed as they come (a rich Live region redrawn under CJK text and input() garbled the
+        # terminal); rich still styles the label and handles terminals without colour.
+        console.print(Text("ChatBot: ", style="bold cyan"), end="")
+        try:
+            for piece in bot.stream_chat(query, history):
+                answer += piece
+                console.print(Text(piece), end="", soft_wrap=True)
+                console.file.flush()
+            console.print()
+        except KeyboardInterrupt:
+            console.print(" [yellow](stopped)[/]")
+        except ValueError as e:
+            console.print(f"[red]{e}[/]")
+            continue
+        history.append((query, answer))
+        answered += 1
+    console.print("[dim]bye[/]")
+    return answered
+
+
+def fit_toy_model(out_dir: str | Path, pairs: Sequence[tuple[str, str]], tokenizer=None, preset: str = "tiny",
+                  steps: int = 100, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
+                  reuse: bool = False) -> Path:
+    """A few AdamW steps on (prompt, response) pairs, for tests and benchmarks only.
+
+    A randomly initialised T5 with tied embeddings copies its input token ([PAD] forever); a hundred steps
+    (about 5 s for ``tiny`` on one core) give prompt-dependent answers that end with [EOS].
+    """
+    from model.chat_model import TextToTextModel
+    from model.checkpoint import save_model_folder
+    from model.tokenizer import train_tokenizer
+
+    if reuse and (Path(out_dir) / "model.safetensors").is_file():
+        return Path(out_dir)
+    if tokenizer is None:
+        texts = [t for p in pairs for t in p]
+        tokenizer = train_tokenizer(texts, vocab_size=1024, token_type="char")
+    torch.manual_seed(seed)
+    model = TextToTextModel.from_preset(preset, vocab_size=len(tokenizer))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    pairs = list(pairs)
+    for _ in range(steps):
+        idx = torch.randint(len(pairs), (batch_size,), generator=g).tolist()
+        b = tokenizer([pairs[i][0] for i in idx], text_target=[pairs[i][1] for i in idx], padding=True,
+                      truncation=True, max_length=128, return_tensors="pt")
+        labels = b["labels"].masked_fill(b["labels"] == PAD_ID, -100)
+        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return save_model_folder(model, tokenizer, out_dir)

@@ -1,0 +1,194 @@
+"""The accelerate trainer: exact resume after kill -9 / SIGTERM, accumulation, schedules, SFT freezing, outputs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from config import TrainConfig, make_config
+from model.trainer import build_optimizer, build_scheduler, latest_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tiny_tokenizer, tmp_path_factory):
+    from model.tokenizer import save_tokenizer
+    return str(save_tokenizer(tiny_tokenizer, tmp_path_factory.mktemp("tok")))
+
+
+def base_kw(tok_dir, demo, out, **kw):
+    d = dict(preset="tiny", tokenizer_dir=tok_dir, output_dir=str(out),
+             train_file=f"{demo['sft']}:0.3,{demo['corpus']}:0.3", valid_file=demo["sft_valid"], text_mode="mix",
+             batch_size_per_gpu=8, max_source_len=32, max_target_len=32, learning_rate=2e-3, warmup_steps=0.2,
+             save_steps=5, eval_steps=5, logging_steps=5, max_eval_samples=16, bleu_samples=4, num_threads=1,
+             log_with="none", show_progress=False, seed=7, max_steps=16, dropout_rate=0.1)
+    d.update(kw)
+    return d
+
+
+def run_cli(kw: dict) -> subprocess.CompletedProcess:
+    args = [sys.executable, "train.py", "train"] + [f"--{k}={v}" for k, v in kw.items()]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def weights(out) -> dict:
+    return load_file(str(Path(out) / "model.safetensors"))
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_kill9_and_sigterm_then_resume_equals_uninterrupted(tok_dir, demo_data, tmp_path, streaming):
+    ref = train(make_config(TrainConfig, **base_kw(tok_dir, demo_data, tmp_path / "ref", streaming=streaming,
+                                                   shuffle_buffer=40)))
+    out = tmp_path / "run"
+    kw = base_kw(tok_dir, demo_data, out, streaming=streaming, shuffle_buffer=40)
+    if streaming:
+        # SIGTERM at step 7: a checkpoint at 7 (not a save step), a clean exit, no final model
+        p = run_cli(dict(kw, debug_signal="7:SIGTERM"))
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "SIGTERM: saved" in p.stdout + p.stderr
+        assert latest_checkpoint(out).name == "step-7"
+        assert not (out / "model.safetensors").exists()
+        kw = dict(kw, is_keep_training=True)
+    # kill -9 after step 12 (last checkpoint: step 10), from the command line
+    p = run_cli(dict(kw, debug_signal="12:SIGKILL"))
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert latest_checkpoint(out).name == "step-10"
+    assert not (out / "model.safetensors").exists()
+    resumed = train(make_config(TrainConfig, **dict(kw, is_keep_training=True)))
+    assert resumed["steps"] == 16 and not resumed["interrupted"]
+    assert resumed["param_checksum"] == ref["param_checksum"]
+    assert_bitwise_equal(weights(out), weights(tmp_path / "ref"))
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == sorted(set(steps))  # the lines a killed run logged after its checkpoint were dropped
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert "step-15" in kept and len([k for k in kept if k.startswith("step-")]) <= 3
+    assert not [k for k in kept if k.startswith(".tmp")]
+
+
+def test_outputs_are_plain_hf_and_logged(tok_dir, demo_data, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    res = train(make_config(TrainConfig, **base_kw(tok_dir, demo_data, tmp_path / "o", max_steps=10)))
+    out = tmp_path / "o"
+    assert AutoModelForSeq2SeqLM.from_pretrained(str(out)).config.model_type == "t5"
+    assert AutoTokenizer.from_pretrained(str(out))("你好")["input_ids"][-1] == 1
+    assert AutoModelForSeq2SeqLM.from_pretrained(str(out / "best")) is not None
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10]
+    assert all(r["eval_ppl"] > 1 and 0 <= r["bleu"] <= 100 for r in evals)
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert res["best_step"] in (5, 10) and res["tokens_per_s"] > 0
+
+
+def test_gradient_accumulation_equals_the_big_batch(tok_dir, demo_data, tmp_path):
+    kw = dict(group_by_length=False, valid_file=None, dropout_rate=0.0, max_steps=4, save_steps=100,
+              lr_scheduler="constant", warmup_steps=0)
+    train(make_config(TrainConfig, **base_kw(tok_dir, demo_data, tmp_path / "big", batch_size_per_gpu=8, **kw)))
+    train(make_config(TrainConfig, **base_kw(tok_dir, demo_data, tmp_path / "acc", batch_size_per_gpu=4,
+                                             gradient_accumulation_steps=2, **kw)))
+    a, b = weights(tmp_path / "big"), weights(tmp_path / "acc")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+
+
+def test_adafactor_follows_the_schedule():
+    torch.manual_seed(0)
+    cfg = make_config(TrainConfig, optimizer="adafactor", learning_rate=1e-2, lr_scheduler="cosine",
+                      warmup_steps=2, min_lr_ratio=0.0)
+
+    def first_delta(lr_scale):
+        lin = torch.nn.Linear(4, 4, bias=False)
+        torch.nn.init.constant_(lin.weight, 0.5)
+        opt = build_optimizer(cfg, lin)
+        for g in opt.param_groups:
+            g["lr"] *= lr_scale
+        before = lin.weight.detach().clone()
+        lin(torch.ones(2, 4)).pow(2).sum().backward()
+        opt.step()
+        return (lin.weight.detach() - before).abs().sum().item()
+
+    assert first_delta(2.0) == pytest.approx(2 * first_delta(1.0), rel=1e-5)  # the LR really scales the update
+    lin = torch.nn.Linear(4, 4)
+    opt = build_optimizer(cfg, lin)
+    sched = build_scheduler(cfg, opt, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[2] and lrs[2] == pytest.approx(1e-2) and lrs[-1] < 1e-3
+
+
+def test_onecycle_rises_then_falls():
+    cfg = make_config(TrainConfig, lr_scheduler="onecycle", learning_rate=3e-3, warmup_steps=0.3, div_factor=25)
+    lin = torch.nn.Linear(2, 2)
+    opt = build_optimizer(cfg, lin)
+    sched = build_scheduler(cfg, opt, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    peak = lrs.index(max(lrs))
+    assert lrs[0] == pytest.approx(3e-3 / 25) and 4 <= peak <= 7 and max(lrs) == pytest.approx(3e-3, rel=0.02)
+    assert lrs[-1] < lrs[0]
+
+
+def test_sft_decoder_only_freezes_encoder_and_embeddings(tiny_model_dir, demo_data, tmp_path):
+    from model.trainer import train_config
+    before = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    cfg = train_config("sft", init_from=str(tiny_model_dir), train_file=demo_data["sft"], valid_file=None,
+                       output_dir=str(tmp_path / "sft"), freeze="decoder_only", max_steps=3, batch_size_per_gpu=8,
+                       learning_rate=1e-2, max_source_len=32, max_target_len=32, num_threads=1, log_with="none",
+                       show_progress=False, save_steps=100)
+    res = train(cfg)
+    assert 0 < res["trainable_params"] < res["params"]
+    after = weights(tmp_path / "sft")
+    for k, v in after.items():
+        if k.startswith("encoder.") or k == "shared.weight":
+            assert torch.equal(v, before[k]), k
+    assert any(not torch.equal(v, before[k]) for k, v in after.items() if k.startswith("decoder."))
+
+
+def test_clear_errors(tok_dir, demo_data, tmp_path):
+    from model.trainer import train_config
+    with pytest.raises(ValueError, match="needs --init_from"):
+        train(make_config(TrainConfig, is_finetune=True, train_file=demo_data["sft"], output_dir=str(tmp_path)))
+    bad = tmp_path / "bad.parquet"
+    import pandas as pd
+    pd.DataFrame({"question": ["a"], "response": ["b"]}).to_parquet(bad)
+    with pytest.raises(ValueError, match=r"bad\.parquet: missing column 'prompt'"):
+        train(make_config(TrainConfig, **base_kw(tok_dir, demo_data, tmp_path / "x", train_file=str(bad))))
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        train(make_config(TrainConfig, **base_kw(tok_dir, demo_data, tmp_path / "y", optimizer="sgd")))
+
+
+def test_metrics_logging_and_plot(tmp_path):
+    from model.metrics import char_bleu, perplexity
+    from utils.logging_utils import MetricsLogger, read_jsonl
+    from utils.plots import plot_curves
+    assert char_bleu(["今天天气很好"], ["今天天气很好"]) == pytest.approx(100.0)
+    full = char_bleu(["今天天气很好，我们去公园散步吧"], ["今天天气很好，我们去公园散步吧"])
+    short = char_bleu(["今天天气很好"], ["今天天气很好，我们去公园散步吧"])
+    assert short < 0.5 * full  # brevity penalty applies to the whole corpus
+    assert perplexity(0.0) == 1.0 and perplexity(1e9) < float("inf")
+    log = MetricsLogger(tmp_path / "m.jsonl")
+    for s in range(1, 6):
+        log.log(step=s, loss=1.0 / s, eval_loss=torch.tensor(2.0 / s))
+    MetricsLogger(tmp_path / "m.jsonl", resume_step=3)
+    assert [r["step"] for r in read_jsonl(tmp_path / "m.jsonl")] == [1, 2, 3]
+    png = plot_curves(tmp_path / "m.jsonl", tmp_path / "c.png")
+    assert png is not None and png.stat().st_size > 1000
