@@ -450,7 +450,8 @@ class _RefScorer:
     def __call__(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
         ds, bsz = self.dataset, batch["idx"].shape[0]
         if ds is not None and ds.ref_chosen is not None:
-            return ds.ref_chosen[batch["idx"]].to(device), ds.ref_rejected[batch["idx"]].to(device)
+            idx = batch["idx"].cpu()  # the table stays on the CPU; only the batch's rows move
+            return ds.ref_chosen[idx].to(device), ds.ref_rejected[idx].to(device)
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         with _autocast(self.accelerator):
             if self.frozen is not None:

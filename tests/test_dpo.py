@@ -346,3 +346,16 @@ def test_build_on_shared_dpo_data(tmp_path, tiny_tokenizer):
     va = pd.read_parquet(rep["valid_file"])
     assert not set(tr.prompt) & set(va.prompt)
     assert (tr.chosen != tr.rejected).all()
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent device)")
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_dpo_on_gpu_with_mixed_precision(sft_dir, demo_data, tmp_path, use_lora):
+    """The CUDA path: bf16 autocast (fp16 where bf16 is missing), reference table on the CPU, batches on GPU."""
+    res = train_dpo(_cfg(sft_dir, demo_data, tmp_path / "gpu", epochs=3, use_lora=use_lora,
+                         learning_rate=5e-3 if use_lora else 2e-3, mixed_precision="auto"))
+    assert res["eval_before"]["rewards/margins"] == pytest.approx(0.0, abs=1e-2)
+    assert res["eval_after"]["rewards/margins"] > 0.3
+    folder = tmp_path / "gpu" / ("merged" if use_lora else "")
+    assert AutoModelForSeq2SeqLM.from_pretrained(str(folder)).config.model_type == "t5"

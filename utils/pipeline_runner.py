@@ -89,16 +89,20 @@ def run_stages(stages: list[Stage], state_dir: str | Path, force: tuple[str, ...
             if r["returncode"] != 0:
                 raise RuntimeError(f"stage {stage.name!r} failed (exit {r['returncode']}) running: {r['cmd']}\n"
                                    f"see {state / (stage.name + '.log')}; run the pipeline again to resume")
+        t_after = time.time()
+        extra = stage.after() if stage.after else None
+        t_after = time.time() - t_after
         missing = [o for o in stage.outputs if not Path(o).exists()]
         if missing:
             raise RuntimeError(f"stage {stage.name!r} finished but did not write {', '.join(missing)}")
-        extra = stage.after() if stage.after else None
         info = {"stage": stage.name, "commands": runs,
-                "wall_s": round(sum(r["wall_s"] for r in runs), 2),
-                "peak_rss_mb": max([r["peak_rss_mb"] for r in runs], default=0.0),
+                "wall_s": round(sum(r["wall_s"] for r in runs) + t_after, 2),
+                # in-process steps share the pipeline's own memory: no separate figure for them
+                "peak_rss_mb": max([r["peak_rss_mb"] for r in runs], default=None),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": extra}
         marker.write_text(json.dumps(info, ensure_ascii=False, indent=1), encoding="utf-8")
         started.unlink(missing_ok=True)
         results[stage.name] = info
-        console.print(f"[green]{stage.name} done in {info['wall_s']:.1f} s, peak RSS {info['peak_rss_mb']:.0f} MB[/]")
+        rss = f", peak RSS {info['peak_rss_mb']:.0f} MB" if info["peak_rss_mb"] is not None else ""
+        console.print(f"[green]{stage.name} done in {info['wall_s']:.1f} s{rss}[/]")
     return results

@@ -133,36 +133,43 @@ def curves_section(root: Path, plots: Path) -> str:
 
 
 def dpo_section(root: Path) -> str:
-    res = _load(root / "dpo" / "train_result.json") or _load(root / "dpo" / "dpo_result.json")
-    if not res:
+    m = root / "dpo" / "metrics.jsonl"
+    if not m.is_file():
         return "## DPO\n\nnot run\n"
-    before, after = res.get("eval_before") or {}, res.get("eval_after") or {}
-    keys = sorted(set(before) | set(after))
-    rows = [[k, _fmt(before.get(k)), _fmt(after.get(k))] for k in keys]
-    return "## DPO\n\n" + _table(["metric", "before", "after"], rows) + "\n"
+    rows = read_jsonl(m)
+    keys = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
+    out = []
+    for r in rows:
+        prefix = "eval/" if r.get("split") == "eval" else ""
+        if r.get("split") not in ("eval", "train"):
+            continue
+        out.append([r.get("split"), _fmt(r.get("step"))] + [_fmt(r.get(prefix + k)) for k in keys])
+    if len(out) > 12:
+        out = out[:3] + [["...", ""] + [""] * len(keys)] + out[-8:]
+    return "## DPO\n\n" + _table(["split", "step", "loss", "margin", "accuracy", "chosen", "rejected"], out) + "\n"
 
 
 def ceval_section(root: Path) -> str:
-    res = _load(root / "eval" / "ceval" / "summary.json") or _load(root / "eval" / "ceval" / "results.json")
+    res = _load(root / "eval" / "ceval" / "results.json")
     if not res:
         return "## C-Eval\n\nnot run\n"
-    cats = res.get("categories") or res.get("by_category") or {}
-    rows = [[c, _fmt(v.get("n") if isinstance(v, dict) else None),
-             _fmt(v.get("accuracy") if isinstance(v, dict) else v)] for c, v in cats.items()]
-    overall = res.get("overall") or res.get("average") or {}
-    acc = overall.get("accuracy") if isinstance(overall, dict) else overall
-    n_sub = len(res.get("subjects", {}))
-    return (f"## C-Eval\n\n{n_sub} subjects, overall accuracy {_fmt(acc)} (chance 0.25)\n\n"
-            + _table(["category", "questions", "accuracy"], rows) + "\n")
+    overall = res.get("overall", {})
+    rows = [[c, _fmt(v.get("subjects")), _fmt(v.get("n")), _fmt(v.get("accuracy"))]
+            for c, v in res.get("per_category", {}).items()]
+    return (f"## C-Eval\n\n{_fmt(overall.get('subjects'))} subjects, {_fmt(overall.get('n'))} questions, "
+            f"average accuracy {_fmt(overall.get('accuracy'))} (chance {overall.get('chance', 0.25)}, 95% chance "
+            f"interval {[round(x, 3) for x in overall.get('chance_interval_95', [])]})\n\n"
+            + _table(["category", "subjects", "questions", "accuracy"], rows) + "\n")
 
 
 def ie_section(root: Path) -> str:
-    cands = [root / "ie" / n for n in ("scores.json", "eval.json", "result.json", "ie_result.json")]
-    res = next((r for r in map(_load, cands) if r), None)
-    if not res:
+    res = _load(root / "ie" / "ie_scores.json")
+    if not res or not isinstance(res.get("dev"), dict):
         return "## Triple extraction\n\nnot run\n"
-    flat = {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
-    return "## Triple extraction\n\n" + _table(["metric", "value"], [[k, _fmt(v)] for k, v in flat.items()]) + "\n"
+    dev = res["dev"]
+    keys = ("precision", "recall", "f1", "tp", "n_pred", "n_gold", "sentences", "unparsed")
+    return ("## Triple extraction\n\n" + _table(["metric", "value"], [[k, _fmt(dev.get(k))] for k in keys])
+            + f"\n\nTraining: {_fmt((res.get('train') or {}).get('steps'))} steps.\n")
 
 
 def chat_section(root: Path) -> str:
