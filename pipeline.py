@@ -35,6 +35,11 @@ def _launcher(cfg: PipelineConfig) -> list[str]:
     return shlex.split(cfg.python)
 
 
+def _preset(cfg: PipelineConfig) -> str:
+    from config import TRAIN_PRESETS
+    return cfg.pretrain.get("preset") or TRAIN_PRESETS.get(cfg.pretrain_stage, {}).get("preset", "small")
+
+
 def final_model_dir(cfg: PipelineConfig) -> Path:
     return Path(cfg.root)
 
@@ -67,9 +72,11 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
     sft_flags = dict(dict(valid_file=data_dir / "my_valid_dataset.parquet"), **cfg.sft)
     if not cfg.demo_data:
         sft_flags.setdefault("train_file", data_dir / "my_train_dataset.parquet")
+    sft_init = ([f"--init_from={pre_dir}"] if cfg.sft_from_pretrain
+                else ["--is_finetune=False", "--init_from=None", f"--preset={_preset(cfg)}"])
     stages.append(Stage(
-        "sft", [_launcher(cfg) + ["train.py", "train", f"--stage={cfg.sft_stage}", f"--init_from={pre_dir}",
-                                  f"--tokenizer_dir={tok_dir}", f"--output_dir={sft_dir}"] + _flags(sft_flags)],
+        "sft", [_launcher(cfg) + ["train.py", "train", f"--stage={cfg.sft_stage}", f"--tokenizer_dir={tok_dir}",
+                                  f"--output_dir={sft_dir}"] + sft_init + _flags(sft_flags)],
         [str(sft_dir / "model.safetensors")], "instruction fine-tuning", resume_args=["--is_keep_training=True"]))
     dpo_file = cfg.dpo_file or str(data_dir / "my_dpo_dataset.parquet")
     stages.append(Stage(

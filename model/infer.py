@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from utils.readers import ROLE_LABELS
 from config import EOS_ID, PAD_ID, InferConfig, make_config
 from model.chat_model import SEARCH_TYPES
 from model.checkpoint import check_model_folder, load_model_folder, pick_device
@@ -311,7 +312,6 @@ class ChatBot:
             self.model = None
             self.tokenizer = load_tokenizer(self.model_dir)
             self.ct2 = CT2Engine(self.model_dir, self.tokenizer, cfg)
-        self._sep_ids = self._encode(cfg.turn_sep) if cfg.turn_sep else []
         self._pool = None
         self._pool_lock = threading.Lock()
 
@@ -352,8 +352,11 @@ class ChatBot:
         if not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
         limit = self.cfg.max_prompt_tokens - 1  # room for [EOS]
-        head = (self._encode(system) + self._sep_ids) if system else []
-        q = self._encode(query)
+        # Same layout as the training data built by utils/readers.join_history: with history or a system text,
+        # every turn on its own line as "用户：..." / "助手：...", the query last as "用户：..."; alone, the query.
+        head = self._encode(f"{ROLE_LABELS['system']}：{system}\n") if system else []
+        labelled = bool(history) or bool(system)
+        q = self._encode(f"{ROLE_LABELS['user']}：{query}" if labelled else query)
         if len(head) + len(q) > limit:
             if strict:
                 raise PromptTooLong(len(head) + len(q) + 1, self.cfg.max_prompt_tokens)
@@ -366,7 +369,7 @@ class ChatBot:
         for i, turn in enumerate(reversed(list(history or []))):
             if len(turn) != 2:
                 raise ValueError(f"history turn {len(history) - 1 - i} must be a (user, assistant) pair, got {turn!r}")
-            seg = self._encode(str(turn[0])) + self._sep_ids + self._encode(str(turn[1])) + self._sep_ids
+            seg = self._encode(f"{ROLE_LABELS['user']}：{turn[0]}\n{ROLE_LABELS['assistant']}：{turn[1]}\n")
             if used + len(seg) > budget:
                 break
             turns.append(seg)

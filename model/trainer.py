@@ -411,7 +411,7 @@ class Trainer:
                   + (f", resumed from {resumed}" if resumed else ""))
         ga = max(1, cfg.gradient_accumulation_steps)
         self.model.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         window = {"loss": 0.0, "tok": 0, "in_tok": 0, "pad": 0, "t": time.perf_counter(), "steps": 0}
         last = {}
         stopped_by = None
@@ -492,11 +492,12 @@ class Trainer:
                         break
         if dump is not None:
             dump.close()
-        runtime = time.perf_counter() - t0
+        runtime, cpu = time.perf_counter() - t0, time.process_time() - c0
         result = {"output_dir": str(self.out), "steps": self.state["step"], "total_steps": self.total_steps,
                   "train_tokens": self.state["tokens"], "train_samples": self.state["samples"],
                   "pad_share": round(1 - self.state["tokens"] / max(1, self.state["padded_tokens"]), 4),
                   "interrupted": stopped_by is not None, "runtime_s": round(runtime, 2),
+                  "cpu_s": round(cpu, 2),
                   "best_step": self.state["best_step"], "best_eval_loss": self.state["best_eval_loss"],
                   **{k: v for k, v in last.items()}, **self.param_info}
         if stopped_by is None:

@@ -81,14 +81,15 @@ def test_history_oldest_turns_dropped_first(toy_model_dir):
     ids = bot.build_input_ids("现在的问题", history)
     assert ids[-1] == EOS_ID and ids.count(EOS_ID) == 1
     assert len(ids) <= 64
-    tail = enc("现在的问题") + [EOS_ID]
+    tail = enc("用户：现在的问题") + [EOS_ID]
     assert ids[-len(tail):] == tail
     hist_part = ids[:-len(tail)]
     assert 0 < len(hist_part) <= 40
-    # the kept turns are the newest ones, whole, in order, each "user[SEP]assistant[SEP]"
+    # the kept turns are the newest ones, whole, in order, in the training data's layout
+    # (utils/readers.join_history): "用户：q\n助手：a\n"
     kept = []
     for i in range(19, -1, -1):
-        seg = enc(f"问题{i}") + [SEP_ID] + enc(f"回答{i}") + [SEP_ID]
+        seg = enc(f"用户：问题{i}\n助手：回答{i}\n")
         if sum(map(len, kept)) + len(seg) > 40:
             break
         kept.insert(0, seg)
@@ -96,8 +97,10 @@ def test_history_oldest_turns_dropped_first(toy_model_dir):
     assert len(kept) < 20
     # a short history is kept entirely, system message first
     ids = bot.build_input_ids("现在", history[:2], system="助手")
-    assert ids == (enc("助手") + [SEP_ID] + enc("问题0") + [SEP_ID] + enc("回答0") + [SEP_ID]
-                   + enc("问题1") + [SEP_ID] + enc("回答1") + [SEP_ID] + enc("现在") + [EOS_ID])
+    assert ids == (enc("系统：助手\n") + enc("用户：问题0\n助手：回答0\n") + enc("用户：问题1\n助手：回答1\n")
+                   + enc("用户：现在") + [EOS_ID])
+    # with no history and no system text the prompt is the query alone, as in single-turn training rows
+    assert bot.build_input_ids("现在") == enc("现在") + [EOS_ID]
     # history really reaches the model: multi-turn answers go through the same path as single ones
     assert bot.chat("你好", history=history[:1]) == "".join(bot.stream_chat("你好", history=history[:1]))
 
