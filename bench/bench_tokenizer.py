@@ -6,6 +6,8 @@ corpus' own character frequencies, so distinct content grows about tenfold as re
 it trains, each in a child process at vocab 29298:
 
 * ours: ``train_tokenizer.py`` (multi-process piece counting, capped count table, BPE from the counts);
+  on the 1x corpus also ``ours_exact``: the same without chunking and without the cap (exact counts of whole
+  pieces), to show what the bounded memory costs in compression;
 * hf: HF ``tokenizers`` BPE fed line by line with the reference project's settings (NFKC, Punctuation + Digits
   + Metaspace, min_frequency 100): the way the reference trained, the one that needed 48-60 GB for 2 GB;
 * spm: sentencepiece unigram on the text file, as usually run on big corpora: on a sample of
@@ -247,9 +249,11 @@ def _contest(name: str, corpus: Path, held: list[str], work: Path, vocab_size: i
              num_proc: int) -> dict:
     out = work / f"{name}_{corpus.stem}"
     py = sys.executable
-    if name == "ours":
+    if name.startswith("ours"):
         cmd = [py, "train_tokenizer.py", f"--inputs={corpus}", f"--output_dir={out}", f"--vocab_size={vocab_size}",
                f"--num_proc={num_proc}", "--show_progress=False"]
+        if name == "ours_exact":  # no chunking, no cap: what the scaling costs in compression
+            cmd += ["--chunk_chars=0", "--max_pieces=1000000000", "--feed_pieces=0"]
     elif name == "hf":
         cmd = [py, __file__, "--run=hf", f"--corpus={corpus}", f"--out={out}", f"--vocab_size={vocab_size}"]
     else:
@@ -258,7 +262,7 @@ def _contest(name: str, corpus: Path, held: list[str], work: Path, vocab_size: i
     print(f"[{time.strftime('%H:%M:%S')}] {name} on {corpus.name} ...", flush=True)
     res = _measure(cmd)
     res.update(_chars_per_token(name, out, held))
-    info = out / ("training_stats.json" if name == "ours" else "info.json")
+    info = out / ("training_stats.json" if name.startswith("ours") else "info.json")
     if info.is_file():
         extra = json.loads(info.read_text())
         for k in ("distinct_pieces", "vocab", "vocab_size", "tau", "sentences", "count_seconds", "train_seconds"):
@@ -294,7 +298,7 @@ def main(quick: bool = False, data_dir: str = str(ROOT.parent / "shared" / "data
     results: dict = {}
     for label, path in corpora.items():
         results[label] = {}
-        names = ["ours", "hf"] + (["spm"] if spm else [])
+        names = ["ours", "hf"] + (["spm"] if spm else []) + (["ours_exact"] if label == "1x" else [])
         for name in names:
             results[label][name] = _contest(name, path, held, work, vocab_size, spm_sentences, num_proc)
         results[label]["corpus_mb"] = sizes[label]
@@ -307,6 +311,8 @@ def main(quick: bool = False, data_dir: str = str(ROOT.parent / "shared" / "data
         "corpus": big,
         "time_ratio": round(hf["wall_s"] / ours["wall_s"], 2),
         "chars_per_token_ours_vs_hf": round(ours["chars_per_token"] / hf["chars_per_token"], 4),
+        "chars_per_token_1x_capped_vs_exact": round(results["1x"]["ours"]["chars_per_token"]
+                                                    / results["1x"]["ours_exact"]["chars_per_token"], 4),
         "results": results,
     }
     if not quick:

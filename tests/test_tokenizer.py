@@ -203,13 +203,20 @@ def test_thinning_bounds_the_table_and_keeps_counts_unbiased():
     assert set("t0123456789") <= table.alphabet | set("".join(table.counts))
 
 
-def test_processes_count_exactly_what_one_process_counts(tmp_path, corpus_lines):
+def test_processes_count_exactly_what_one_process_counts(tmp_path, corpus_lines, monkeypatch):
+    import utils.tokenizer_counting as tc
+
+    monkeypatch.setattr(tc, "MIN_BYTES_PER_PROCESS", 1)  # small files: still start the worker processes
+    contexts = []
+    real_get_context = tc.mp.get_context
+    monkeypatch.setattr(tc.mp, "get_context", lambda m=None: contexts.append(m) or real_get_context(m))
     half = len(corpus_lines) // 2
     (tmp_path / "a.txt").write_text("\n".join(corpus_lines[:half]) + "\n", encoding="utf-8")
     pd.DataFrame({"text": corpus_lines[half:], "n": range(len(corpus_lines) - half)}).to_parquet(
         tmp_path / "b.parquet", row_group_size=50)
     files = f"{tmp_path}/*.txt,{tmp_path}/*.parquet"
     multi = count_pieces(files=files, num_proc=2, show_progress=False)
+    assert contexts, "no worker process was started"
     single = count_pieces(corpus_lines)
     assert multi.exact and multi.counts == single.counts
     assert multi.stats.texts == single.stats.texts == len(corpus_lines)

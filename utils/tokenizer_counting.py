@@ -41,6 +41,7 @@ import numpy as np
 FEED_SEP = "\x00"  # joins a batch of texts for the counting regex; removed from the input texts
 MAX_TEXT_CHARS = 1 << 16  # longer texts are counted in windows, so one huge line cannot blow up memory
 READ_BLOCK = 1 << 22  # bytes read at a time from text files
+MIN_BYTES_PER_PROCESS = 1 << 20  # below this much input per process, counting in one process is faster
 PARQUET_EXT = (".parquet", ".pq")
 JSONL_EXT = (".jsonl", ".ndjson")
 
@@ -571,6 +572,8 @@ def count_files(inputs, splitter: PieceSplitter, *, columns: Optional[Sequence[s
     if isinstance(columns, str):
         columns = [c.strip() for c in columns.split(",") if c.strip()]
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
+    total_bytes = sum(f.stat().st_size for f in files)
+    num_proc = max(1, min(num_proc, total_bytes // MIN_BYTES_PER_PROCESS))  # small inputs: no process to start
     parts = plan_units(files, num_proc)
     total = sum(u.size for p in parts for u in p)
     table = PieceCounts(max_pieces, seed=seed)
