@@ -48,3 +48,13 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     torch.manual_seed(0)
     model = TextToTextModel.from_preset("tiny", vocab_size=len(tiny_tokenizer))
     return save_model_folder(model, tiny_tokenizer, tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory, demo_data, tiny_tokenizer) -> Path:
+    """The tiny model after 100 steps on the demo SFT pairs: prompt-dependent answers ending in [EOS]."""
+    import pandas as pd
+    from model.infer import fit_toy_model
+    df = pd.read_parquet(demo_data["sft"])
+    return fit_toy_model(tmp_path_factory.getbasetemp() / "toy_chat", list(zip(df.prompt, df.response)),
+                         tiny_tokenizer, steps=100, reuse=True)

@@ -7,23 +7,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
-import pandas as pd
 import pytest
 
-from model.infer import ChatBot, fit_toy_model
+from model.infer import ChatBot
 from utils.api_server import ServerThread, create_app, get_state, sample_exchange
 
 PROMPTS = ["你好", "3加5等于多少？", "星期四的后一天是星期几？", "7千米等于多少米？", "怎样保持健康？",
            "十二加九等于多少？", "六月的上一个月是几月？", "你是谁？", "今天心情不好怎么办？", "2加2等于多少？",
            "五月的下一个月是几月？", "3千克等于多少克？", "星期一的前一天是星期几？", "9加7等于多少？",
            "怎样学习中文？", "二十加一等于多少？"]
-
-
-@pytest.fixture(scope="session")
-def toy_model_dir(tmp_path_factory, demo_data, tiny_tokenizer):
-    df = pd.read_parquet(demo_data["sft"])
-    return fit_toy_model(tmp_path_factory.getbasetemp() / "toy_chat", list(zip(df.prompt, df.response)),
-                         tiny_tokenizer, steps=100, reuse=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,24 +3,14 @@ from __future__ import annotations
 
 import threading
 
-import pandas as pd
 import pytest
 import torch
 
-from config import EOS_ID, SEP_ID, InferConfig, make_config
-from model.infer import (ChatBot, GenerationCancelled, PromptTooLong, TokenStreamer, chat_loop,
-                         fit_toy_model)
+from config import EOS_ID, InferConfig, make_config
+from model.infer import ChatBot, GenerationCancelled, PromptTooLong, TokenStreamer, chat_loop
 
 PROMPTS = ["你好", "3加5等于多少？", "星期四的后一天是星期几？", "7千米等于多少米？", "怎样保持健康？",
            "十二加九等于多少？", "六月的上一个月是几月？", "你是谁？"]
-
-
-@pytest.fixture(scope="session")
-def toy_model_dir(tmp_path_factory, demo_data, tiny_tokenizer):
-    """The tiny model after 100 steps on the demo SFT pairs: prompt-dependent answers ending in [EOS]."""
-    df = pd.read_parquet(demo_data["sft"])
-    return fit_toy_model(tmp_path_factory.getbasetemp() / "toy_chat", list(zip(df.prompt, df.response)),
-                         tiny_tokenizer, steps=100, reuse=True)
 
 
 @pytest.fixture(scope="module")
