@@ -79,9 +79,19 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
                                   f"--output_dir={sft_dir}"] + sft_init + _flags(sft_flags)],
         [str(sft_dir / "model.safetensors")], "instruction fine-tuning", resume_args=["--is_keep_training=True"]))
     dpo_file = cfg.dpo_file or str(data_dir / "my_dpo_dataset.parquet")
+    dpo_cmds, dpo_files = [], [f"--train_file={dpo_file}"]
+    if cfg.dpo_valid_ratio > 0:  # hold out pairs by prompt, so the report's DPO accuracy is on unseen pairs
+        split_dir = root / "dpo_data"
+        lens = {k: cfg.dpo[k] for k in ("max_source_len", "max_target_len") if k in cfg.dpo}
+        dpo_cmds.append(PY + ["utils/dpo_data_process.py", "build", f"--inputs={dpo_file}",
+                              f"--tokenizer_dir={tok_dir}", f"--out_dir={split_dir}",
+                              f"--valid_ratio={cfg.dpo_valid_ratio}"] + _flags(lens))
+        dpo_files = [f"--train_file={split_dir / 'my_dpo_train.parquet'}",
+                     f"--valid_file={split_dir / 'my_dpo_valid.parquet'}"]
+    dpo_cmds.append(_launcher(cfg) + ["dpo_train.py", "train", f"--sft_model_dir={sft_dir}"] + dpo_files
+                    + [f"--output_dir={dpo_dir}"] + _flags(cfg.dpo))
     stages.append(Stage(
-        "dpo", [_launcher(cfg) + ["dpo_train.py", "train", f"--sft_model_dir={sft_dir}", f"--train_file={dpo_file}",
-                                  f"--output_dir={dpo_dir}"] + _flags(cfg.dpo)],
+        "dpo", dpo_cmds,
         [str(dpo_dir / "model.safetensors")], "preference optimisation", resume_args=["--is_keep_training=True"]))
     stages.append(Stage("final", [], [str(root / "model.safetensors")], "export the final model",
                         after=lambda: export_final(cfg)))
@@ -102,7 +112,8 @@ def ie_stage(cfg: PipelineConfig) -> Stage:
     ie_py = "finetune_examples/info_extract/"
     if cfg.ie_train:
         cmds = [PY + [ie_py + "finetune.py", f"--train_file={cfg.ie_train}", f"--dev_file={cfg.ie_dev}",
-                      f"--init_from={root / 'pretrain'}", f"--output_dir={out}"] + _flags(cfg.ie)]
+                      f"--init_from={root / 'pretrain'}", f"--output_dir={out}", f"--data_dir={root / 'ie_data'}"]
+                + _flags(cfg.ie)]
     else:
         cmds = [PY + [ie_py + "finetune.py", "demo", f"--model_dir={root}", f"--output_dir={out}"]]
     return Stage("ie", cmds, [str(out)], "triple extraction")

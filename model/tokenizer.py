@@ -28,7 +28,8 @@ from typing import Iterable, Optional, Sequence
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from config import DEFAULT_NUM_SENTINELS, EOS_ID, SPECIAL_TOKENS, UNK_ID, sentinel_token
-from utils.tokenizer_counting import PieceCounts, PieceSplitter, count_files, count_texts, feed_batches, write_tsv
+from utils.tokenizer_counting import (PieceCounts, PieceSplitter, char_frequencies, count_files, count_texts,
+                                      feed_batches, write_tsv)
 
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 TOKEN_TYPES = ("char", "byte")
@@ -37,6 +38,7 @@ KEEP_CHARS = ["\n", "\t", "▁"]  # always in the vocabulary (layout of code and
 DEFAULT_MAX_PIECES = 1_000_000  # count-table cap: bounds memory whatever the corpus size
 DEFAULT_CHUNK_CHARS = 8  # longer pieces (CJK runs) are counted as chunks of this many characters
 DEFAULT_FEED_PIECES = 5_000_000  # at most this many weighted pieces are fed to the BPE trainer
+MAX_ALPHABET_SHARE = 0.75  # single characters may take at most this share of the learnable ids (char level)
 
 
 def special_tokens(num_sentinels: int = DEFAULT_NUM_SENTINELS) -> list[str]:
@@ -162,6 +164,24 @@ def count_pieces(texts: Optional[Iterable[str]] = None, files=None, token_type: 
     return table
 
 
+def char_alphabet(counts: PieceCounts, vocab_size: int, num_sentinels: int,
+                  max_share: float = MAX_ALPHABET_SHARE) -> list[str]:
+    """The characters a char-level vocabulary keeps as tokens.
+
+    Chinese text has more distinct characters than a small vocabulary holds (about 11k in ../shared/data), and
+    the BPE trainer keeps every character it sees, so a requested 8,192 became 11,307. When the characters
+    exceed ``max_share`` of the learnable ids, only the most frequent ones are kept; the rest are spelled
+    with byte-fallback tokens (still lossless), and the remaining ids go to merges.
+    """
+    budget = vocab_size - _check_vocab_size("char", vocab_size, num_sentinels)
+    freq = char_frequencies(counts)
+    rare = sorted(counts.alphabet - set(freq))  # characters only seen in pieces dropped by thinning
+    limit = max(16, int(budget * max_share)) - len(KEEP_CHARS)
+    if len(freq) + len(rare) <= limit:
+        return sorted(freq) + rare
+    return sorted(c for c, _ in freq.most_common(limit))
+
+
 def train_from_counts(counts: PieceCounts, vocab_size: int = 29298, token_type: str = "char",
                       num_sentinels: int = DEFAULT_NUM_SENTINELS, min_frequency: int = 2,
                       sentencepiece: Optional[str] = None, feed_pieces: int = DEFAULT_FEED_PIECES,
@@ -178,8 +198,11 @@ def train_from_counts(counts: PieceCounts, vocab_size: int = 29298, token_type: 
     scale = max(1.0, counts.mass() / feed_pieces) if feed_pieces else 1.0
     feeder = Tokenizer(models.BPE(unk_token="[UNK]", byte_fallback=True) if token_type == "char"
                        else models.BPE(unk_token=None))
+    alphabet = char_alphabet(counts, vocab_size, num_sentinels) if token_type == "char" else ()
     trainer = bpe_trainer(token_type, vocab_size, num_sentinels, max(1, round(min_frequency / scale)),
-                          show_progress, extra_alphabet=sorted(counts.alphabet) if token_type == "char" else ())
+                          show_progress, extra_alphabet=alphabet)
+    if token_type == "char":
+        trainer.limit_alphabet = len(set(alphabet) | set(KEEP_CHARS))
     feeder.train_from_iterator(feed_batches(counts, scale, seed), trainer=trainer)
     tok = new_bpe_tokenizer(token_type)
     tok.model = feeder.model

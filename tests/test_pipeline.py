@@ -70,3 +70,74 @@ def test_pipeline_stage_list_and_unknown_stage(tmp_path):
                      "report"]
     with pytest.raises(SystemExit, match="unknown stage 'nope'"):
         pipeline.main(profile="demo", only="nope", root=str(tmp_path / "root"))
+
+
+def _flag_names(cmd: list[str]) -> set[str]:
+    return {a[2:].split("=", 1)[0] for a in cmd if a.startswith("--")}
+
+
+@pytest.mark.parametrize("profile", ["demo", "cpu", "gpu"])
+def test_every_stage_flag_is_an_option_of_its_script(profile, tmp_path):
+    """A typo in a profile (a flag no script knows) would only surface an hour into a run; catch it here."""
+    import dataclasses
+    import inspect
+
+    import pipeline
+    from config import DPOConfig, TrainConfig
+    from finetune_examples.info_extract.finetune import demo, finetune
+    from utils.dpo_data_process import build
+
+    train_opts = {f.name for f in dataclasses.fields(TrainConfig)} | {"stage"}
+    known = {
+        "train.py": train_opts,
+        "dpo_train.py": {f.name for f in dataclasses.fields(DPOConfig)},
+        "utils/dpo_data_process.py": set(inspect.signature(build).parameters),
+        "finetune_examples/info_extract/finetune.py": set(inspect.signature(finetune).parameters) | train_opts,
+    }
+    cfg = make_config(PipelineConfig, profile, PIPELINE_PROFILES, root=str(tmp_path / "root"))
+    checked = set()
+    for stage in pipeline.build_stages(cfg):
+        for cmd in stage.commands:
+            script = next((a for a in cmd if a in known), None)
+            if script is None:
+                continue
+            opts = known[script]
+            if script.endswith("finetune.py") and "demo" in cmd:  # the `demo` subcommand
+                opts = set(inspect.signature(demo).parameters)
+            unknown = _flag_names(cmd[cmd.index(script):]) - opts  # launcher flags come before the script
+            assert not unknown, f"{profile}/{stage.name}: {script} has no option(s) {sorted(unknown)}"
+            checked.add(script)
+    assert {"train.py", "dpo_train.py"} <= checked
+
+
+def test_held_out_dpo_pairs_are_split_off_when_asked(tmp_path):
+    import pipeline
+    cfg = make_config(PipelineConfig, "cpu", PIPELINE_PROFILES, root=str(tmp_path / "root"))
+    dpo = next(s for s in pipeline.build_stages(cfg) if s.name == "dpo")
+    assert len(dpo.commands) == 2 and "build" in dpo.commands[0]
+    train_cmd = " ".join(dpo.commands[1])
+    assert "--valid_file=" in train_cmd and "my_dpo_valid.parquet" in train_cmd
+    demo = make_config(PipelineConfig, "demo", PIPELINE_PROFILES, root=str(tmp_path / "demo"))
+    assert len(next(s for s in pipeline.build_stages(demo) if s.name == "dpo").commands) == 1
+
+
+def test_report_card_reads_stage_outputs_and_publishes_text_and_plots(tmp_path):
+    from utils.report_card import write_report_card
+    root = tmp_path / "root"
+    (root / "sft").mkdir(parents=True)
+    rows = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3} for s in range(1, 21)] + [{"step": 20, "eval_loss": 3.5}]
+    (root / "sft" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (root / "eval" / "ceval").mkdir(parents=True)
+    (root / "eval" / "ceval" / "results.json").write_text(json.dumps({
+        "overall": {"subjects": 2, "n": 40, "accuracy": 0.3125, "chance": 0.25, "chance_interval_95": [0.12, 0.38]},
+        "per_category": {"STEM": {"subjects": 1, "n": 20, "accuracy": 0.35},
+                         "Other": {"subjects": 1, "n": 20, "accuracy": 0.275}}}))
+    (root / "model.safetensors").write_bytes(b"weights")
+    cfg = make_config(PipelineConfig, "demo", PIPELINE_PROFILES, root=str(root), publish_dir=str(tmp_path / "docs"))
+    text = write_report_card(cfg).read_text(encoding="utf-8")
+    assert "last loss 3.000" in text and "last eval loss 3.500" in text
+    assert "| STEM | 1 | 20 | 0.350 |" in text and "average accuracy 0.312" in text
+    assert "## Data\n\nnot run" in text  # absent stages say so instead of inventing figures
+    published = sorted(p.relative_to(tmp_path / "docs").as_posix() for p in (tmp_path / "docs").rglob("*")
+                       if p.is_file())
+    assert published == ["plots/ceval_categories.png", "plots/sft_curves.png", "report.md"]

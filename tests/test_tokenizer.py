@@ -294,3 +294,20 @@ def test_real_corpus_capped_counts_keep_compression():
     for line in held[:50]:
         ids = capped(line)["input_ids"]
         assert UNK_ID not in ids and capped.decode(ids, skip_special_tokens=True) == line
+
+
+def test_char_vocab_holds_its_size_when_the_text_has_more_characters_than_ids():
+    """More distinct characters than ids: the most frequent become tokens, the rare ones byte fallback."""
+    rng = random.Random(3)
+    common = [chr(0x4E00 + i) for i in range(300)]
+    rare = [chr(0x5E00 + i) for i in range(1500)]  # each seen once or twice
+    lines = ["".join(rng.choice(common) for _ in range(30)) + rng.choice(rare) for _ in range(3000)]
+    tok = train_tokenizer(lines, vocab_size=1024, token_type="char")
+    assert len(tok) == 1024
+    vocab = tok.get_vocab()
+    assert all(c in vocab for c in common)  # frequent characters are single tokens
+    assert sum(c in vocab for c in rare) < 300  # most rare ones are not
+    for text in lines[:50] + ["".join(rare[:20])]:
+        ids = tok(text)["input_ids"]
+        assert UNK_ID not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == text

@@ -7,7 +7,9 @@ not run shows as "not run".
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
@@ -149,17 +151,23 @@ def dpo_section(root: Path) -> str:
     return "## DPO\n\n" + _table(["split", "step", "loss", "margin", "accuracy", "chosen", "rejected"], out) + "\n"
 
 
-def ceval_section(root: Path) -> str:
+def ceval_section(root: Path, plots: Path) -> str:
     res = _load(root / "eval" / "ceval" / "results.json")
     if not res:
         return "## C-Eval\n\nnot run\n"
     overall = res.get("overall", {})
-    rows = [[c, _fmt(v.get("subjects")), _fmt(v.get("n")), _fmt(v.get("accuracy"))]
-            for c, v in res.get("per_category", {}).items()]
+    cats = res.get("per_category", {})
+    rows = [[c, _fmt(v.get("subjects")), _fmt(v.get("n")), _fmt(v.get("accuracy"))] for c, v in cats.items()]
+    plot = ""
+    if cats:
+        _bar_png(list(cats), {"accuracy": [v.get("accuracy") or 0.0 for v in cats.values()],
+                              "chance": [overall.get("chance", 0.25)] * len(cats)},
+                 plots / "ceval_categories.png", "C-Eval accuracy by category", stacked=False)
+        plot = "\n![C-Eval by category](plots/ceval_categories.png)\n"
     return (f"## C-Eval\n\n{_fmt(overall.get('subjects'))} subjects, {_fmt(overall.get('n'))} questions, "
             f"average accuracy {_fmt(overall.get('accuracy'))} (chance {overall.get('chance', 0.25)}, 95% chance "
             f"interval {[round(x, 3) for x in overall.get('chance_interval_95', [])]})\n\n"
-            + _table(["category", "subjects", "questions", "accuracy"], rows) + "\n")
+            + _table(["category", "subjects", "questions", "accuracy"], rows) + "\n" + plot)
 
 
 def ie_section(root: Path) -> str:
@@ -206,8 +214,14 @@ def versions_section(cfg) -> str:
         except metadata.PackageNotFoundError:
             pass
     cfg_json = json.dumps(cfg.__dict__, ensure_ascii=False, indent=1, default=str)
+    try:
+        import torch
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except ImportError:
+        device = "torch not installed"
     return (f"## Versions and config\n\nPython {platform.python_version()}, {', '.join(vers)}, "
-            f"{platform.machine()} {platform.system()}\n\n```json\n{cfg_json}\n```\n")
+            f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, {device}\n\n"
+            f"```json\n{cfg_json}\n```\n")
 
 
 def write_report_card(cfg) -> Path:
@@ -215,8 +229,20 @@ def write_report_card(cfg) -> Path:
     plots = root / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     sections = [f"# Report card: profile `{cfg.profile}`\n", data_section(root, plots), tokenizer_section(root),
-                curves_section(root, plots), dpo_section(root), ceval_section(root), ie_section(root),
+                curves_section(root, plots), dpo_section(root), ceval_section(root, plots), ie_section(root),
                 chat_section(root), stages_section(root), versions_section(cfg)]
     out = root / "report.md"
     out.write_text("\n".join(sections), encoding="utf-8")
+    if getattr(cfg, "publish_dir", ""):
+        publish(root, Path(cfg.publish_dir))
     return out
+
+
+def publish(root: Path, dest: Path) -> Path:
+    """Copy the report card (text and plots only, never weights) to e.g. docs/ for committing."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(root / "report.md", dest / "report.md")
+    (dest / "plots").mkdir(exist_ok=True)
+    for png in (root / "plots").glob("*.png"):
+        shutil.copy2(png, dest / "plots" / png.name)
+    return dest

@@ -30,7 +30,7 @@ import queue as queue_mod
 import re
 import traceback
 import unicodedata
-from collections import _count_elements  # C helper behind Counter.update: counts into any dict
+from collections import Counter, _count_elements  # C helper behind Counter.update: counts into any dict
 from dataclasses import dataclass, field
 from itertools import compress
 from pathlib import Path
@@ -645,6 +645,15 @@ def _progress(show: bool, total: int, label: str):
 
 
 # ------------------------------------------------------------------------------------------ feeding
+def char_frequencies(table: PieceCounts) -> Counter:
+    """Weighted character counts of the table (which characters a small char-level vocabulary keeps)."""
+    freq: Counter = Counter()
+    for piece, w in table.counts.items():
+        for ch in piece:
+            freq[ch] += w
+    return freq
+
+
 def feed_batches(table: PieceCounts, scale: float = 1.0, seed: int = 0, batch_pieces: int = 100_000
                  ) -> Iterator[list[str]]:
     """The table as lists of pieces, each piece repeated by its (scaled) count.
