@@ -754,13 +754,7 @@ class DropDatasetDuplicate:
                         dup[i] = True
                         if self.record_pairs:
                             self.pairs.append((c, d, j))
-            ex = first >= 0
-            if ex.any():
-                if self.record_pairs:
-                    for i in np.flatnonzero(ex & ~dup).tolist():
-                        self.pairs.append((int(first[i]), base + i, 1.0))
-                dup |= ex
-                self.n_exact += int(ex.sum())
+            self._mark_exact(dup, first, base)
             self._inflight.pop(base, None)
             return dup
 
@@ -817,18 +811,22 @@ class DropDatasetDuplicate:
                 return t[g - b]
         return self.store.get(g)
 
+    def _mark_exact(self, dup: np.ndarray, first: np.ndarray, base: int) -> None:
+        """Mark exact copies (``first``: the id of the earlier identical text, or -1) as duplicates, in place."""
+        ex = first >= 0
+        if ex.any():
+            if self.record_pairs:
+                for i in np.flatnonzero(ex & ~dup).tolist():
+                    self.pairs.append((int(first[i]), base + i, 1.0))
+            dup |= ex
+            self.n_exact += int(ex.sum())
+
     def _add_with_keys(self, texts: Sequence[str], keys: np.ndarray, first: np.ndarray, base: int) -> np.ndarray:
         n = len(texts)
         assert base == self.n_docs, "batches must be processed in the order they were prepared"
         dup = self._verify(texts, base, self._candidates(keys, base))
         if first is not None:
-            ex = first >= 0
-            if ex.any():
-                if self.record_pairs:
-                    for i in np.flatnonzero(ex & ~dup).tolist():
-                        self.pairs.append((int(first[i]), base + i, 1.0))
-                dup |= ex
-                self.n_exact += int(ex.sum())
+            self._mark_exact(dup, first, base)
         # every text is stored: a dropped document can still be the first holder of a band key that a later
         # document meets, and is then verified against
         self.store.append(texts, np.ones(n, bool))

@@ -355,16 +355,22 @@ def read_fortune(path: str, **opts) -> Iterator[Rec | Bad]:
 
 
 # ================================================================================================ JSON
-def read_jsonl(path: str, **opts) -> Iterator[Rec | Bad]:
-    """JSON lines: one object per non-blank line."""
+def _nonblank_lines(path: str, **opts) -> Iterator[tuple[str, str] | Bad]:
+    """(``file:line``, stripped line) for every non-blank line; undecodable lines come through as Bad."""
     for lineno, line in _iter_text_lines(path, **opts):
         if isinstance(line, Bad):
             yield line
+        elif line.strip():
+            yield f"{path}:{lineno}", line.strip()
+
+
+def read_jsonl(path: str, **opts) -> Iterator[Rec | Bad]:
+    """JSON lines: one object per non-blank line."""
+    for item in _nonblank_lines(path, **opts):
+        if isinstance(item, Bad):
+            yield item
             continue
-        s = line.strip()
-        if not s:
-            continue
-        loc = f"{path}:{lineno}"
+        loc, s = item
         try:
             obj = ujson.loads(s)
         except (ValueError, OverflowError) as e:
@@ -1047,14 +1053,11 @@ def read_ie(path: str, **opts) -> Iterator[Rec | Bad]:
     """Relation extraction data: JSON lines ``{text, spo_list: [{subject, predicate, object}]}`` (DuIE 2.0
     objects are ``{"@value": ...}``) or ``text || spo_list`` lines.  Records: ``{text, triples}`` with
     ``triples`` a list of ``[subject, predicate, object]``."""
-    for lineno, line in _iter_text_lines(path, **opts):
-        if isinstance(line, Bad):
-            yield line
+    for item in _nonblank_lines(path, **opts):
+        if isinstance(item, Bad):
+            yield item
             continue
-        s = line.strip()
-        if not s:
-            continue
-        loc = f"{path}:{lineno}"
+        loc, s = item
         obj = None
         if s.startswith("{"):
             try:

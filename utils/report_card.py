@@ -121,7 +121,8 @@ def curves_section(root: Path, plots: Path) -> str:
             parts.append(f"- {stage}: not run")
             continue
         rows = read_jsonl(m)
-        keys = ["loss", "eval_loss", "lr"] if stage != "dpo" else None
+        keys = ["loss", "eval_loss", "lr"] if stage != "dpo" else [
+            f"{split}{k}" for k in ("loss", "rewards/margins", "rewards/accuracies") for split in ("", "eval/")]
         png = plot_curves(m, plots / f"{stage}_curves.png", keys=keys, title=stage)
         last = next((r for r in reversed(rows) if "loss" in r), {})
         evals = [r for r in rows if "eval_loss" in r]
@@ -148,7 +149,11 @@ def dpo_section(root: Path) -> str:
         out.append([r.get("split"), _fmt(r.get("step"))] + [_fmt(r.get(prefix + k)) for k in keys])
     if len(out) > 12:
         out = out[:3] + [["...", ""] + [""] * len(keys)] + out[-8:]
-    return "## DPO\n\n" + _table(["split", "step", "loss", "margin", "accuracy", "chosen", "rejected"], out) + "\n"
+    eval_on = next((r.get("eval_on") for r in rows if r.get("eval_on")), None)
+    where = {"valid": "held-out pairs (prompts never trained on)", "train": "the training pairs (no held-out file)"}
+    note = f"\n\nEval rows are measured on {where.get(eval_on, eval_on)}.\n" if eval_on else "\n"
+    return ("## DPO\n\n" + _table(["split", "step", "loss", "margin", "accuracy", "chosen", "rejected"], out)
+            + note)
 
 
 def ceval_section(root: Path, plots: Path) -> str:
