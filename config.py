@@ -280,8 +280,9 @@ class PipelineConfig:
 
 PIPELINE_PROFILES: dict[str, dict[str, Any]] = {
     "demo": {},
-    # About an hour on 2 cores (measured 2026-11-27: small preset, 8,192 vocab, batch 16 x 128+128 tokens ran
-    # ~1.5 s a step with 2 threads); the step counts size it, the data stays all of ../shared/data.
+    # Sized from a probe (batch 16 x 128+128 tokens, 1.5 s a step with 2 threads) for about an hour; the full run
+    # on 2 idle cores averaged 2.7 s a step and took 96 min in all (docs/report_cpu/report.md). Step counts size
+    # it; the data is all of ../shared/data.
     "cpu": dict(
         profile="cpu", root="model_save/cpu", demo_data=False, data_config="data/sources/shared_all.yaml",
         tokenizer=dict(vocab_size=8192, token_type="char"),

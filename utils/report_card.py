@@ -205,10 +205,12 @@ def stages_section(root: Path) -> str:
     rows = []
     for f in sorted((root / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
         m = _load(f) or {}
-        rows.append([m.get("stage", f.stem), _fmt(m.get("wall_s")), _fmt(m.get("peak_rss_mb")), m.get("finished", "")])
+        rows.append([m.get("stage", f.stem), _fmt(m.get("wall_s"), 1), _fmt(m.get("peak_rss_mb"), 0),
+                     m.get("finished", "")])
     total = sum(float(r[1].replace(",", "") or 0) for r in rows if r[1])
     return ("## Wall time and peak memory per stage\n\n" + _table(["stage", "wall s", "peak RSS MB", "finished"], rows)
-            + f"\n\nTotal: {total:.0f} s\n")
+            + f"\n\nTotal: {total:.0f} s ({total / 60:.1f} min). Peak RSS is the stage's own process tree "
+            "(empty for stages run inside the pipeline process).\n")
 
 
 def versions_section(cfg) -> str:
