@@ -564,13 +564,19 @@ class InMemoryBatches:
                 "world_size": self.world_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "in_memory":
-            raise ValueError(f"checkpoint holds a {state.get('kind')!r} data state; this run reads in memory "
-                             f"(resume with the same --streaming setting)")
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"checkpoint was written by {state['world_size']} processes, this run has "
-                             f"{self.world_size}: exact resume needs the same number")
+        check_data_state(state, "in_memory", self.world_size)
         self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
+
+
+def check_data_state(state: dict, kind: str, world_size: int) -> None:
+    """A checkpoint's data position only resumes the same kind of reader over the same number of processes."""
+    if state.get("kind") != kind:
+        how = "streams" if kind == "streaming" else "reads in memory"
+        raise ValueError(f"checkpoint holds a {state.get('kind')!r} data state; this run {how} "
+                         f"(resume with the same --streaming setting)")
+    if state["world_size"] != world_size:
+        raise ValueError(f"checkpoint was written by {state['world_size']} processes, this run has "
+                         f"{world_size}: exact resume needs the same number")
 
 
 # --------------------------------------------------------------------------------------- streaming
@@ -786,12 +792,7 @@ class StreamingBatches:
                 "files": [(s.path, s.weight, s.num_rows) for s in self.sources]}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "streaming":
-            raise ValueError(f"checkpoint holds a {state.get('kind')!r} data state; this run streams "
-                             f"(resume with the same --streaming setting)")
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"checkpoint was written by {state['world_size']} processes, this run has "
-                             f"{self.world_size}: exact resume needs the same number")
+        check_data_state(state, "streaming", self.world_size)
         files = [(s.path, s.weight, s.num_rows) for s in self.sources]
         if [tuple(f) for f in state["files"]] != files:
             raise ValueError(f"training files changed since the checkpoint: {state['files']} -> {files}")
