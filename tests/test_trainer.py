@@ -104,6 +104,18 @@ def test_gradient_accumulation_equals_the_big_batch(tok_dir, demo_data, tmp_path
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
 
 
+def _scheduled_lrs(cfg, model, total_steps: int) -> list[float]:
+    """The learning rate the project's optimizer and scheduler use at each step."""
+    opt = build_optimizer(cfg, model)
+    sched = build_scheduler(cfg, opt, total_steps=total_steps)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 def test_adafactor_follows_the_schedule():
     torch.manual_seed(0)
     cfg = make_config(TrainConfig, optimizer="adafactor", learning_rate=1e-2, lr_scheduler="cosine",
@@ -121,27 +133,13 @@ def test_adafactor_follows_the_schedule():
         return (lin.weight.detach() - before).abs().sum().item()
 
     assert first_delta(2.0) == pytest.approx(2 * first_delta(1.0), rel=1e-5)  # the LR really scales the update
-    lin = torch.nn.Linear(4, 4)
-    opt = build_optimizer(cfg, lin)
-    sched = build_scheduler(cfg, opt, total_steps=10)
-    lrs = []
-    for _ in range(10):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _scheduled_lrs(cfg, torch.nn.Linear(4, 4), total_steps=10)
     assert lrs[0] < lrs[2] and lrs[2] == pytest.approx(1e-2) and lrs[-1] < 1e-3
 
 
 def test_onecycle_rises_then_falls():
     cfg = make_config(TrainConfig, lr_scheduler="onecycle", learning_rate=3e-3, warmup_steps=0.3, div_factor=25)
-    lin = torch.nn.Linear(2, 2)
-    opt = build_optimizer(cfg, lin)
-    sched = build_scheduler(cfg, opt, total_steps=20)
-    lrs = []
-    for _ in range(20):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _scheduled_lrs(cfg, torch.nn.Linear(2, 2), total_steps=20)
     peak = lrs.index(max(lrs))
     assert lrs[0] == pytest.approx(3e-3 / 25) and 4 <= peak <= 7 and max(lrs) == pytest.approx(3e-3, rel=0.02)
     assert lrs[-1] < lrs[0]

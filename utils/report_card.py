@@ -202,12 +202,12 @@ def chat_section(root: Path) -> str:
 
 
 def stages_section(root: Path) -> str:
-    rows = []
+    rows, total = [], 0.0
     for f in sorted((root / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
         m = _load(f) or {}
+        total += m.get("wall_s") or 0.0
         rows.append([m.get("stage", f.stem), _fmt(m.get("wall_s"), 1), _fmt(m.get("peak_rss_mb"), 0),
                      m.get("finished", "")])
-    total = sum(float(r[1].replace(",", "") or 0) for r in rows if r[1])
     return ("## Wall time and peak memory per stage\n\n" + _table(["stage", "wall s", "peak RSS MB", "finished"], rows)
             + f"\n\nTotal: {total:.0f} s ({total / 60:.1f} min). Peak RSS is the stage's own process tree "
             "(empty for stages run inside the pipeline process).\n")
@@ -240,7 +240,7 @@ def write_report_card(cfg) -> Path:
                 chat_section(root), stages_section(root), versions_section(cfg)]
     out = root / "report.md"
     out.write_text("\n".join(sections), encoding="utf-8")
-    if getattr(cfg, "publish_dir", ""):
+    if cfg.publish_dir:
         publish(root, Path(cfg.publish_dir))
     return out
 
