@@ -7,6 +7,7 @@ instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -30,19 +31,19 @@ def sentinel_token(i: int) -> str:
 class ModelConfig:
     """T5 shape. ``base`` is the reference project's 0.2B model."""
 
-    vocab_size: int = 29298
-    d_model: int = 768
-    num_layers: int = 10
-    num_decoder_layers: int = 10
-    num_heads: int = 12
-    d_kv: int = 64
-    d_ff: int = 3072
-    dropout_rate: float = 0.1
-    feed_forward_proj: str = "relu"
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    tie_word_embeddings: bool = True
-    max_seq_len: int = 512
+    vocab_size: int = 29298  # embedding rows (follows the tokenizer when a model is built from one)
+    d_model: int = 768  # hidden width
+    num_layers: int = 10  # encoder blocks
+    num_decoder_layers: int = 10  # decoder blocks
+    num_heads: int = 12  # attention heads per block
+    d_kv: int = 64  # width of each head
+    d_ff: int = 3072  # feed-forward inner width
+    dropout_rate: float = 0.1  # dropout in every block (0 for short pretraining runs: see docs/recipe.md)
+    feed_forward_proj: str = "relu"  # relu (T5 v1.0) | gated-gelu (T5 v1.1)
+    relative_attention_num_buckets: int = 32  # T5 relative position buckets
+    relative_attention_max_distance: int = 128  # distance beyond which positions share a bucket
+    tie_word_embeddings: bool = True  # input embeddings = output layer (T5Config always ties them)
+    max_seq_len: int = 512  # longest sequence the presets are meant for
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -69,54 +70,58 @@ class TrainConfig:
 
     preset: str = "small"  # model preset (tiny | small | base) for a model trained from scratch
     stage: Optional[str] = None  # the TRAIN_PRESETS entry this config came from (informational)
-    train_file: str = "data/generated/all/my_train_dataset.parquet"
-    valid_file: Optional[str] = "data/generated/all/my_valid_dataset.parquet"
-    tokenizer_dir: str = "model_save/tokenizer"
-    output_dir: str = "model_save/pretrain"
+    train_file: str = "data/generated/all/my_train_dataset.parquet"  # parquet/.txt file(s), comma-separated, each with an optional :weight
+    valid_file: Optional[str] = "data/generated/all/my_valid_dataset.parquet"  # held-out pairs for eval loss, bpc and BLEU (None: no eval)
+    tokenizer_dir: str = "model_save/tokenizer"  # tokenizer folder for a model trained from scratch
+    output_dir: str = "model_save/pretrain"  # final model (plain HF folder), checkpoints/, metrics.jsonl, loss_curve.png
     init_from: Optional[str] = None  # a model folder to start from (SFT: the pretrained model)
-    is_finetune: bool = False
-    is_keep_training: bool = False
+    is_finetune: bool = False  # SFT: start from --init_from
+    is_keep_training: bool = False  # continue exactly from the newest checkpoint in output_dir
     freeze: str = "none"  # none | decoder_only (reference SFT: embeddings and encoder frozen)
     dropout_rate: Optional[float] = None  # overrides the model's dropout (preset or pretrained config)
-    epochs: int = 1
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields over the preset (d_model, ...)
+    epochs: int = 1  # passes over the training files (ignored when max_steps > 0)
     max_steps: int = -1  # optimizer updates; > 0 overrides epochs
-    batch_size_per_gpu: int = 16
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    batch_size_per_gpu: int = 16  # samples per process per micro-step
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer update
+    learning_rate: float = 5e-4  # peak learning rate
+    weight_decay: float = 0.01  # AdamW decay on weights (not on norms and biases)
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
     optimizer: str = "adamw"  # adamw | adafactor (external LR: the schedule applies)
     lr_scheduler: str = "cosine"  # cosine | onecycle | constant
     warmup_steps: float = 0.02  # a fraction of total steps when < 1
     min_lr_ratio: float = 0.1  # cosine ends at learning_rate * min_lr_ratio
     div_factor: float = 25.0  # onecycle starts at learning_rate / div_factor
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | fp16 | bf16
     cpu: bool = False  # train on CPU even when a GPU is visible
     num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    max_source_len: int = 256
-    max_target_len: int = 256
-    streaming: bool = False
-    shuffle_buffer: int = 10000
-    group_by_length: bool = True
+    max_source_len: int = 256  # encoder tokens per sample, [EOS] included (truncated by tokens)
+    max_target_len: int = 256  # decoder tokens per sample, [EOS] included
+    streaming: bool = False  # read files in record batches through a shuffle buffer instead of loading them
+    shuffle_buffer: int = 10000  # samples in the streaming shuffle buffer
+    group_by_length: bool = True  # batch pairs of similar length
     length_group_batches: int = 64  # batches sorted together when grouping by length
     pad_to_multiple_of: int = 0  # 8 helps tensor cores on GPU; 0 pads to the batch's longest
     text_mode: str = "prefix"  # how `text` rows become pairs: prefix | span | mix
-    noise_density: float = 0.15
-    mean_noise_span_length: float = 3.0
-    save_steps: int = 1000
-    eval_steps: int = 1000
-    logging_steps: int = 20
+    noise_density: float = 0.15  # span corruption: share of tokens masked
+    mean_noise_span_length: float = 3.0  # span corruption: mean masked span
+    save_steps: int = 1000  # checkpoint every N updates (0: off)
+    eval_steps: int = 1000  # evaluate every N updates (0: only at the end)
+    logging_steps: int = 20  # log train loss every N updates (0: only at the end)
     keep_last_n: int = 2  # newest checkpoints kept (plus the best one by eval loss)
     save_best: bool = True  # export the best model by eval loss to output_dir/best (plain HF folder)
-    max_eval_samples: int = 1000
-    eval_batch_size: int = 32
-    bleu_samples: int = 32
-    seed: int = 23333
-    num_workers: int = 0
+    max_eval_samples: int = 1000  # validation samples used
+    eval_max_source_len: int = 0  # 0: the training lengths; fixed lengths keep bpc comparable across runs
+    eval_max_target_len: int = 0
+    eval_batch_size: int = 32  # samples per eval forward
+    bleu_samples: int = 32  # validation prompts answered greedily for char BLEU (0: off)
+    baselines: bool = True  # character unigram/bigram bpc of the held-out targets (model/quality.py)
+    seed: int = 23333  # seed of weights, data order and dropout
+    num_workers: int = 0  # (unused by the in-process loader; kept for the HF scripts)
     log_with: str = "tensorboard"  # tensorboard | none
-    show_progress: bool = True
+    show_progress: bool = True  # rich progress bar
     debug_dump_samples: bool = False  # tests: each rank writes the keys of the samples it trained on
     debug_signal: Optional[str] = None  # tests: "STEP:SIGNAME" sends that signal to this process after STEP
 
@@ -146,79 +151,118 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 class DPOConfig:
     """Preference optimisation (DPO/IPO) of the SFT model, full or LoRA (model/dpo.py, dpo_train.py)."""
 
-    sft_model_dir: str = "model_save/sft"
+    sft_model_dir: str = "model_save/sft"  # the policy to start from (a plain model folder)
     ref_model_dir: Optional[str] = None  # the reference policy; default: the SFT model itself
-    train_file: str = "data/generated/dpo/my_dpo_train.parquet"
+    train_file: str = "data/generated/dpo/my_dpo_train.parquet"  # parquet with prompt, chosen, rejected
     valid_file: Optional[str] = None  # held-out pairs (build writes my_dpo_valid.parquet); None: train_file
-    output_dir: str = "model_save/dpo"
+    output_dir: str = "model_save/dpo"  # final model, checkpoints, metrics.jsonl
     loss_type: str = "sigmoid"  # sigmoid | ipo
-    beta: float = 0.1
+    beta: float = 0.1  # strength of the pull towards the reference policy
     label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
-    use_lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    use_lora: bool = False  # train a LoRA adapter instead of every weight
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale (alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA branch
     lora_target_modules: tuple = ("q", "k", "v", "o")  # T5 attention projections; "q,k,v,o,wi,wo" adds the FFN
     merge_lora: bool = True  # after LoRA training also write a merged plain folder to output_dir/merged
     precompute_ref_logps: bool = True  # one reference pass before training; no reference model in memory
-    epochs: int = 1
-    max_steps: int = -1
-    batch_size_per_gpu: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
+    epochs: int = 1  # passes over the training files (ignored when max_steps > 0)
+    max_steps: int = -1  # optimizer updates; > 0 overrides epochs
+    batch_size_per_gpu: int = 8  # pairs per process per micro-step
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer update
+    learning_rate: float = 5e-5  # peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
     lr_scheduler: str = "cosine"  # any transformers scheduler name: cosine | linear | constant_with_warmup
     warmup_steps: float = 0.1  # a fraction of total steps when < 1
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | fp16 | bf16
-    max_source_len: int = 256
-    max_target_len: int = 256
-    group_by_length: bool = True
+    max_source_len: int = 256  # encoder tokens per sample, [EOS] included (truncated by tokens)
+    max_target_len: int = 256  # decoder tokens per sample, [EOS] included
+    group_by_length: bool = True  # batch pairs of similar length
     save_steps: int = 500  # 0: no checkpoints
-    keep_last_n: int = 2
-    eval_steps: int = 100
-    logging_steps: int = 10
-    seed: int = 23333
-    is_keep_training: bool = False
+    keep_last_n: int = 2  # newest checkpoints kept
+    eval_steps: int = 100  # evaluate on the held-out pairs every N updates (0: only at the end)
+    logging_steps: int = 10  # log every N updates (0: only at the end)
+    seed: int = 23333  # seed of weights, data order and dropout
+    is_keep_training: bool = False  # continue exactly from the newest checkpoint in output_dir
     num_threads: int = 0  # CPU threads for torch (0: leave torch's default)
-    show_progress: bool = True
+    show_progress: bool = True  # rich progress bar
 
 
 @dataclass
 class InferConfig:
-    model_dir: str = "model_save/sft"
+    """Chat settings of cli_demo.py, api_demo.py and ChatBot (unset decoding defaults come from the model folder)."""
+
+    model_dir: str = "model_save/sft"  # a model folder (plain HF T5)
     search_type: str = "greedy"  # greedy | beam | sampling | contrastive
-    max_new_tokens: int = 256
-    max_prompt_tokens: int = 512
-    history_tokens: int = 384
-    num_beams: int = 4
-    temperature: float = 0.9
-    top_k: int = 50
-    top_p: float = 0.95
-    repetition_penalty: float = 1.1
-    penalty_alpha: float = 0.6
-    contrastive_top_k: int = 4
-    device: str = "auto"
+    # None: the model folder's generation_config.json (written by training; see GENERATION_DEFAULTS)
+    max_new_tokens: Optional[int] = None  # answer length limit
+    max_prompt_tokens: int = 512  # encoder tokens for system + history + query
+    history_tokens: int = 384  # of which at most this many for earlier turns (oldest dropped first)
+    num_beams: int = 4  # beam search width
+    temperature: float = 0.9  # sampling temperature
+    top_k: int = 50  # sampling: keep the k likeliest tokens
+    top_p: float = 0.95  # sampling: nucleus mass
+    repetition_penalty: Optional[float] = None  # > 1 discourages tokens already generated
+    no_repeat_ngram_size: Optional[int] = None  # no n-gram of this size twice in an answer (0: off)
+    penalty_alpha: float = 0.6  # contrastive search: degeneration penalty
+    contrastive_top_k: int = 4  # contrastive search: candidates per step
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     engine: str = "torch"  # torch | ct2
     # API server
-    host: str = "127.0.0.1"
-    port: int = 8812
+    host: str = "127.0.0.1"  # API: address to listen on
+    port: int = 8812  # API: port
     api_key: Optional[str] = None  # or env CHATLM_API_KEY; None means no auth
-    max_body_bytes: int = 64 * 1024
-    max_concurrency: int = 2
-    max_queue: int = 16
-    # multi-turn prompt: "q1[SEP]a1[SEP]q2" + [EOS] (the tokenizer maps "[SEP]" to its special id)
+    max_body_bytes: int = 64 * 1024  # API: larger request bodies get 413
+    max_concurrency: int = 2  # API: requests decoded at once
+    max_queue: int = 16  # API: requests waiting beyond that get 503
     model_name: Optional[str] = None  # the id /v1/models reports; default: the model folder's name
     torch_threads: int = 0  # 0 leaves torch's default
     stream_interval_s: float = 0.02  # streamed pieces closer than this are sent together (fewer thread wake-ups)
     # CTranslate2 (--engine ct2): converted once into ct2_dir (default <model_dir>/ct2), int8 on CPU
     ct2_compute_type: str = "auto"  # auto (int8 on CPU, int8_float16 on GPU) | int8 | float32 | ...
-    ct2_dir: Optional[str] = None
+    ct2_dir: Optional[str] = None  # CTranslate2 model folder (default <model_dir>/ct2)
+
+
+# Chat defaults saved in every model folder's generation_config.json: small models loop ("我我我...") under
+# plain greedy decoding; a mild penalty and a 4-gram block stop that without changing a short answer.
+GENERATION_DEFAULTS = dict(max_new_tokens=256, repetition_penalty=1.15, no_repeat_ngram_size=4)
+
+
+# `--dry_run`: the same stages, launcher and settings, shrunk to a few steps and a narrow model, so a profile
+# meets its first GPU already tested. On a machine without GPUs it runs 2 processes on the CPU (gloo).
+DRY_RUN_MODEL = dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=32)
+DRY_RUN_TRAIN = dict(max_steps=4, save_steps=2, eval_steps=2, logging_steps=1, max_eval_samples=16, bleu_samples=2,
+                     model_overrides=DRY_RUN_MODEL, show_progress=False)
+
+
+def dry_run_profile(cfg: "PipelineConfig") -> dict:
+    """Overrides that shrink a profile to minutes on a CPU while keeping its stages, launcher and settings."""
+    trim = lambda d, drop=(): {k: v for k, v in d.items() if k not in drop}  # noqa: E731
+    return dict(
+        root=cfg.root.rstrip("/") + "_dry_run", publish_dir="",
+        data_overrides=dict(cfg.data_overrides, max_rows_per_source=60),
+        tokenizer=dict(cfg.tokenizer, vocab_size=1024),
+        pretrain=dict(trim(cfg.pretrain, ("epochs",)), **DRY_RUN_TRAIN),
+        sft=dict(trim(cfg.sft, ("epochs",)), **{k: v for k, v in DRY_RUN_TRAIN.items() if k != "model_overrides"}),
+        dpo=dict(trim(cfg.dpo, ("epochs",)), max_steps=2, eval_steps=1, save_steps=1, show_progress=False),
+        ceval=dict(cfg.ceval, subjects="computer_network,high_school_physics"),
+        ie=dict(trim(cfg.ie, ("time_budget_min",)), max_steps=3, eval_limit=6, progress=False),
+        sample_prompts=cfg.sample_prompts[:2],
+    )
 
 
 # ----------------------------------------------------------------------------------------- helpers
 def make_config(cls, preset: Optional[str] = None, presets: Optional[dict] = None, /, **overrides):
-    """Build ``cls`` from a named preset plus overrides; unknown keys are an error, not silently dropped."""
+    """Build ``cls`` from a named preset, a ``config`` file of fields, then flags (each wins over the one before).
+
+    Unknown keys are an error naming the valid ones; values are checked against the field types (fire turns
+    ``--api_key=123456`` into an int: a string field gets the string back); ``help`` prints every field with its
+    type, default and meaning, then exits.
+    """
+    if overrides.get("help") is True or overrides.get("h") is True:
+        print(config_help(cls, presets))
+        raise SystemExit(0)
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if preset is not None:
@@ -226,12 +270,101 @@ def make_config(cls, preset: Optional[str] = None, presets: Optional[dict] = Non
             known = ", ".join(sorted(presets or {}))
             raise ValueError(f"unknown preset {preset!r} for {cls.__name__}; known presets: {known}")
         values.update(presets[preset])
+    if "config" in overrides and "config" not in names:
+        values.update(_read_config_file(overrides.pop("config")))
     values.update(overrides)
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; "
-                         f"valid options: {', '.join(sorted(names))}")
-    return cls(**values)
+                         f"valid options: {', '.join(sorted(names))} (--help lists them with their meaning)")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _check_type(cls.__name__, k, v, hints[k]) for k, v in values.items()})
+
+
+def _read_config_file(path) -> dict:
+    p = Path(str(path))
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {p}: no such file")
+    import yaml
+    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {p}: expected a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+def _check_type(owner: str, name: str, value: Any, hint) -> Any:
+    """The value as the field's type where the conversion is lossless; a clear error otherwise."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    if value is None:
+        if optional or hint is Any:
+            return None
+        raise ValueError(f"{owner}.{name} cannot be None (expected {getattr(base, '__name__', base)})")
+    origin = typing.get_origin(base) or base
+    bad = ValueError(f"{owner}.{name} expects {getattr(origin, '__name__', origin)}, got {value!r} "
+                     f"({type(value).__name__})")
+    if base is Any or origin is typing.Union:
+        return value
+    if origin is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad
+        return value if isinstance(value, str) else str(value)
+    if origin is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if origin in (dict, tuple, list):
+        if origin is tuple and isinstance(value, (list, str)):
+            return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+        if not isinstance(value, origin):
+            raise bad
+    return value
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """``name: type = default  # meaning`` -> {name: meaning}, read from the class source."""
+    import inspect
+    import re
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M)}
+
+
+def config_help(cls, presets: Optional[dict] = None) -> str:
+    """Every field of ``cls``: name, type, default and the comment that explains it."""
+    hints = typing.get_type_hints(cls)
+    notes = _field_comments(cls)
+    doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else cls.__name__
+    lines = [f"{cls.__name__}: {doc}", "", "Options (--name=value; --config=file.yaml loads fields, flags win):"]
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "required"
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+        if type(None) in typing.get_args(hints[f.name]) and len(args) == 1:
+            t = f"{getattr(args[0], '__name__', args[0])} | None"
+        else:
+            t = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
+        lines.append(f"  --{f.name:<26s} {t:<16s} default {default!r}" + (f"  {notes[f.name]}" if f.name in notes else ""))
+    if presets:
+        lines += ["", f"Presets: {', '.join(presets)}"]
+    return "\n".join(lines)
 
 
 def model_config(preset: str = "small", **overrides) -> ModelConfig:
@@ -247,35 +380,40 @@ def asdict(cfg) -> dict[str, Any]:
 class PipelineConfig:
     """One config from raw data to a chat model (pipeline.py); each stage's own config takes the overrides."""
 
-    profile: str = "demo"
+    profile: str = "demo"  # the PIPELINE_PROFILES entry
     root: str = "model_save/demo"  # every stage writes below it; the final model is the folder itself
     python: str = "python"  # "accelerate launch" for GPUs (set by the gpu profile)
     demo_data: bool = True  # write the embedded demo data first
-    data_config: str = "data/sources/demo.yaml"
-    data_overrides: dict = field(default_factory=dict)
-    tokenizer: dict = field(default_factory=lambda: dict(vocab_size=1024, token_type="char"))
-    pretrain_stage: str = "demo_pretrain"
-    pretrain: dict = field(default_factory=dict)
-    sft_stage: str = "demo_sft"
+    data_config: str = "data/sources/demo.yaml"  # the data stage config (sources, cleaning, dedup)
+    data_overrides: dict = field(default_factory=dict)  # more data stage flags (e.g. max_rows_per_source)
+    tokenizer: dict = field(default_factory=lambda: dict(vocab_size=1024, token_type="char"))  # train_tokenizer.py flags
+    pretrain_stage: str = "demo_pretrain"  # TRAIN_PRESETS entry of the pretraining stage
+    pretrain: dict = field(default_factory=dict)  # train.py flags of the pretraining stage
+    sft_stage: str = "demo_sft"  # TRAIN_PRESETS entry of the SFT stage
     # measured on the demo data: SFT from random init answered 2 of 3 held-out questions with two seeds, SFT
     # from the 1-minute demo pretraining 0-1 of 3; the larger profiles start SFT from their pretrained model
-    sft_from_pretrain: bool = False
-    sft: dict = field(default_factory=lambda: dict(learning_rate=1e-3, max_steps=3000, group_by_length=False))
+    sft_from_pretrain: bool = False  # SFT starts from the pretrained model (else from random init)
+    sft: dict = field(default_factory=lambda: dict(learning_rate=1e-3, max_steps=3000, group_by_length=False))  # train.py flags of the SFT stage
     dpo: dict = field(default_factory=lambda: dict(epochs=5, learning_rate=1e-4, batch_size_per_gpu=8,
                                                    num_threads=1, save_steps=0))
     dpo_file: str = ""  # '' = the data stage's DPO parquet
     dpo_valid_ratio: float = 0.0  # > 0: split off held-out pairs by prompt (utils/dpo_data_process.py build)
     # the final model is the DPO model (else the SFT model). The demo ships its SFT model: on its 24 toy triples
     # DPO (margin 0 -> 1.55) turned one correct held-out answer wrong, measured; the DPO stage still runs.
-    use_dpo_model: bool = False
-    ceval_dir: str = "data/demo/ceval"
-    ceval_split: str = "val"
+    use_dpo_model: bool = False  # the final model is the DPO model (else the SFT model)
+    ceval_dir: str = "data/demo/ceval"  # C-Eval-shaped CSV folder
+    ceval_split: str = "val"  # dev | val | test
+    ceval: dict = field(default_factory=dict)  # more eval/c_eval.py flags (subjects, batch_size, ...)
+    seed: Optional[int] = None  # training seed of every stage (None: each stage's default)
+    dry_run: bool = False  # every stage's real code path, a few steps each, a narrow model (gpu_dry_run below)
     ie_train: str = ""  # '' skips the triple-extraction fine-tune
-    ie_dev: str = ""
-    ie: dict = field(default_factory=dict)
+    ie_dev: str = ""  # triple-extraction dev file (never trained on)
+    ie: dict = field(default_factory=dict)  # finetune.py flags of the IE stage
+    ie_scratch: bool = True  # also fine-tune IE from random init with the same budget (the value of pretraining)
     heldout: str = "data/demo/heldout.json"
     publish_dir: str = ""  # the report stage also copies report.md + plots here (e.g. docs/report_cpu)
-    sample_prompts: tuple = ("你好", "中国的首都是哪里？", "怎样保持健康？", "12加7等于多少？", "把数字25写成中文。")
+    sample_prompts: tuple = ("你好", "中国的首都是哪里？", "怎样保持健康？", "12加7等于多少？", "把数字25写成中文。",
+                             "请介绍一下长城。", "写一句关于春天的诗。", "失眠怎么办？")
 
 
 PIPELINE_PROFILES: dict[str, dict[str, Any]] = {

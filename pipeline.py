@@ -5,6 +5,7 @@
     python pipeline.py --profile gpu           # the reference's base model and batch sizes, 1-2 GPUs
     python pipeline.py --profile demo --force sft,dpo     # redo some stages
     python pipeline.py --profile cpu --only report        # rebuild the report card only
+    python pipeline.py --profile gpu --dry_run=True       # the gpu profile, a few steps per stage, on any machine
 
 Stages run as the same commands a user would type (printed as they run). Finished stages are skipped (and say
 so); a stopped run continues from the stage, and the trainers from the checkpoint, where it stopped. Any
@@ -13,26 +14,45 @@ PipelineConfig field is a flag (``--root=model_save/try2``).
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import sys
 from pathlib import Path
 
-from config import PIPELINE_PROFILES, PipelineConfig, make_config
+from config import PIPELINE_PROFILES, PipelineConfig, dry_run_profile, make_config
 from utils.pipeline_runner import Stage, console, run_stages
 
 PY = [sys.executable]
 
 
 def _flags(d: dict) -> list[str]:
-    return [f"--{k}={v}" for k, v in d.items()]
+    return [f"--{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in d.items()]
 
 
 def _launcher(cfg: PipelineConfig) -> list[str]:
-    """``python`` for one process; ``accelerate launch ...`` for GPUs (the trainer scripts accept both)."""
+    """``python`` for one process; ``accelerate launch ... --num_processes <GPUs on this machine>`` for GPUs.
+
+    A dry run on a machine without GPUs launches 2 CPU processes (gloo), the same DDP code path as 2 GPUs.
+    """
     if cfg.python == "python":
         return PY
-    return shlex.split(cfg.python)
+    import torch
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        if not cfg.dry_run:
+            return shlex.split(cfg.python)  # main() stops before running: no GPU here
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return shlex.split(cfg.python) + ["--num_processes", str(gpus)]
+
+
+def _env(cfg: PipelineConfig) -> dict | None:
+    """A dry run without GPUs: accelerate on the CPU, one thread per process."""
+    import torch
+    if cfg.dry_run and cfg.python != "python" and torch.cuda.device_count() == 0:
+        return dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    return None
 
 
 def _preset(cfg: PipelineConfig) -> str:
@@ -63,13 +83,14 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
                             f"--output_dir={tok_dir}"] + _flags(cfg.tokenizer)],
         [str(tok_dir / "tokenizer.json")], "train the tokenizer on the text corpus"))
     train_files = f"{data_dir / 'my_text_dataset.parquet'}:1,{data_dir / 'my_train_dataset.parquet'}:1"
+    seed = {} if cfg.seed is None else {"seed": cfg.seed}
     pre_flags = dict(dict(train_file=train_files, valid_file=data_dir / "my_valid_dataset.parquet"),
-                     **cfg.pretrain)
+                     **cfg.pretrain, **seed)
     stages.append(Stage(
         "pretrain", [_launcher(cfg) + ["train.py", "train", f"--stage={cfg.pretrain_stage}",
                                        f"--tokenizer_dir={tok_dir}", f"--output_dir={pre_dir}"] + _flags(pre_flags)],
         [str(pre_dir / "model.safetensors")], "T5 pretraining", resume_args=["--is_keep_training=True"]))
-    sft_flags = dict(dict(valid_file=data_dir / "my_valid_dataset.parquet"), **cfg.sft)
+    sft_flags = dict(dict(valid_file=data_dir / "my_valid_dataset.parquet"), **cfg.sft, **seed)
     if not cfg.demo_data:
         sft_flags.setdefault("train_file", data_dir / "my_train_dataset.parquet")
     sft_init = ([f"--init_from={pre_dir}"] if cfg.sft_from_pretrain
@@ -89,7 +110,7 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
         dpo_files = [f"--train_file={split_dir / 'my_dpo_train.parquet'}",
                      f"--valid_file={split_dir / 'my_dpo_valid.parquet'}"]
     dpo_cmds.append(_launcher(cfg) + ["dpo_train.py", "train", f"--sft_model_dir={sft_dir}"] + dpo_files
-                    + [f"--output_dir={dpo_dir}"] + _flags(cfg.dpo))
+                    + [f"--output_dir={dpo_dir}"] + _flags(dict(cfg.dpo, **seed)))
     stages.append(Stage(
         "dpo", dpo_cmds,
         [str(dpo_dir / "model.safetensors")], "preference optimisation", resume_args=["--is_keep_training=True"]))
@@ -97,7 +118,8 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
                         after=lambda: export_final(cfg)))
     stages.append(Stage(
         "ceval", [PY + ["eval/c_eval.py", f"--model_dir={root}", f"--data_dir={cfg.ceval_dir}",
-                        f"--split={cfg.ceval_split}", f"--out_dir={root / 'eval' / 'ceval'}", "--show_table=True"]],
+                        f"--split={cfg.ceval_split}", f"--out_dir={root / 'eval' / 'ceval'}", "--show_table=True"]
+                  + _flags(cfg.ceval)],
         [str(root / "eval" / "ceval")], "C-Eval-style multiple choice"))
     stages.append(ie_stage(cfg))
     stages.append(Stage("chat", [], [], "held-out questions, sample chats, a sample API exchange",
@@ -111,9 +133,14 @@ def ie_stage(cfg: PipelineConfig) -> Stage:
     out = root / "ie"
     ie_py = "finetune_examples/info_extract/"
     if cfg.ie_train:
-        cmds = [PY + [ie_py + "finetune.py", f"--train_file={cfg.ie_train}", f"--dev_file={cfg.ie_dev}",
-                      f"--init_from={root / 'pretrain'}", f"--output_dir={out}", f"--data_dir={root / 'ie_data'}"]
-                + _flags(cfg.ie)]
+        common = [ie_py + "finetune.py", f"--train_file={cfg.ie_train}", f"--dev_file={cfg.ie_dev}"]
+        cmds = [PY + common + [f"--init_from={root / 'pretrain'}", f"--output_dir={out}",
+                               f"--data_dir={root / 'ie_data'}"] + _flags(cfg.ie)]
+        if cfg.ie_scratch:  # the same budget from random init: what pretraining is worth, measured
+            shape = {k: cfg.pretrain[k] for k in ("model_overrides",) if cfg.pretrain.get(k)}
+            cmds.append(PY + common + [f"--tokenizer_dir={root / 'tokenizer'}", f"--preset={_preset(cfg)}",
+                                       f"--output_dir={root / 'ie_scratch'}", f"--data_dir={root / 'ie_data'}"]
+                        + _flags(dict(shape, **cfg.ie)))
     else:
         cmds = [PY + [ie_py + "finetune.py", "demo", f"--model_dir={root}", f"--output_dir={out}"]]
     return Stage("ie", cmds, [str(out)], "triple extraction")
@@ -134,7 +161,8 @@ def sample_chats(cfg: PipelineConfig) -> dict:
     from model.infer import ChatBot
     from config import InferConfig
 
-    bot = ChatBot(make_config(InferConfig, model_dir=str(cfg.root), max_new_tokens=48, repetition_penalty=1.0))
+    from model.quality import distinct_n, is_degenerate, top_token_share
+    bot = ChatBot(make_config(InferConfig, model_dir=str(cfg.root), max_new_tokens=64))  # folder's decoding
     result = {"heldout": [], "samples": []}
     if cfg.heldout and Path(cfg.heldout).is_file():
         held = json.loads(Path(cfg.heldout).read_text(encoding="utf-8"))
@@ -150,10 +178,19 @@ def sample_chats(cfg: PipelineConfig) -> dict:
         console.print(f"[bold]{n_ok} of {len(held)} held-out questions answered correctly[/]")
     console.rule("sample chats")
     answers = bot.chat(list(cfg.sample_prompts))
+    all_ids = []
     for q, a in zip(cfg.sample_prompts, answers):
         text = a if isinstance(a, str) else getattr(a, "text", str(a))
-        result["samples"].append({"prompt": q, "answer": text})
+        ids = bot.tokenizer(text, add_special_tokens=False)["input_ids"]
+        all_ids.append(ids)
+        result["samples"].append({"prompt": q, "answer": text, "top_token_share": round(top_token_share(ids), 3),
+                                  "degenerate": is_degenerate(ids)})
         console.print(f"Q: {q}\nA: {text}")
+    result["degenerate"] = sum(s["degenerate"] for s in result["samples"])
+    result["distinct_2"] = round(distinct_n(all_ids, 2), 4)
+    result["generation"] = ", ".join(f"{k} {bot.cfg.__dict__[k]}" for k in
+                                     ("max_new_tokens", "repetition_penalty", "no_repeat_ngram_size"))
+    console.print(f"degenerate answers: {result['degenerate']} of {len(all_ids)}, distinct-2 {result['distinct_2']}")
     try:
         from utils.api_server import sample_exchange
         console.rule("sample API exchange")
@@ -174,6 +211,13 @@ def report_card(cfg: PipelineConfig) -> dict:
 
 def main(profile: str = "demo", force: str | tuple = (), only: str | tuple = (), **overrides):
     cfg = make_config(PipelineConfig, profile, PIPELINE_PROFILES, **overrides)
+    if cfg.dry_run:
+        cfg = make_config(PipelineConfig, profile, PIPELINE_PROFILES, **{**overrides, **dry_run_profile(cfg)})
+    if cfg.python != "python" and not cfg.dry_run:
+        import torch
+        if torch.cuda.device_count() == 0:
+            raise SystemExit(f"profile {cfg.profile!r} launches `{cfg.python}` on GPUs but this machine has none; "
+                             f"test the profile on a CPU with --dry_run=True")
     as_tuple = lambda v: tuple(v.split(",")) if isinstance(v, str) else tuple(v or ())  # noqa: E731
     stages = build_stages(cfg)
     names = [s.name for s in stages]
@@ -183,7 +227,7 @@ def main(profile: str = "demo", force: str | tuple = (), only: str | tuple = (),
     Path(cfg.root).mkdir(parents=True, exist_ok=True)
     (Path(cfg.root) / "pipeline_config.json").write_text(
         json.dumps(cfg.__dict__, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
-    run_stages(stages, Path(cfg.root) / "stages", force=as_tuple(force), only=as_tuple(only))
+    run_stages(stages, Path(cfg.root) / "stages", force=as_tuple(force), only=as_tuple(only), env=_env(cfg))
 
 
 if __name__ == "__main__":

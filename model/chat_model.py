@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, T5ForConditionalGeneration
-from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor)
+from transformers.generation.logits_process import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
+                                                   RepetitionPenaltyLogitsProcessor)
 
 from config import EOS_ID, PAD_ID
 from model.chat_model_config import default_generation_config, t5_config
@@ -52,7 +53,8 @@ class TextToTextModel(T5ForConditionalGeneration):
             raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         base = dict(max_new_tokens=max_seq_len, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                     decoder_start_token_id=PAD_ID, use_cache=True,
-                    repetition_penalty=kw.get("repetition_penalty", 1.0))
+                    repetition_penalty=kw.get("repetition_penalty") or 1.0,
+                    no_repeat_ngram_size=kw.get("no_repeat_ngram_size") or 0)
         if search_type == "greedy":
             base.update(do_sample=False, num_beams=1)
         elif search_type == "beam":
@@ -70,7 +72,7 @@ class TextToTextModel(T5ForConditionalGeneration):
 
         ``streamer`` (e.g. ``TextIteratorStreamer``) receives tokens as they are produced; use one per request.
         Extra kwargs: ``num_beams``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
-        ``penalty_alpha`` and ``contrastive_top_k`` (contrastive search).
+        ``no_repeat_ngram_size``, ``penalty_alpha`` and ``contrastive_top_k`` (contrastive search).
         """
         gen_cfg = self.generation_kwargs(search_type, max_seq_len, **kwargs)
         if attention_mask is None:
@@ -81,7 +83,8 @@ class TextToTextModel(T5ForConditionalGeneration):
             return self._contrastive_search(
                 input_ids, attention_mask, max_new_tokens=max_seq_len,
                 penalty_alpha=kwargs.get("penalty_alpha", 0.6), top_k=kwargs.get("contrastive_top_k", 4),
-                repetition_penalty=kwargs.get("repetition_penalty", 1.0), streamer=streamer)
+                repetition_penalty=kwargs.get("repetition_penalty") or 1.0,
+                no_repeat_ngram_size=kwargs.get("no_repeat_ngram_size") or 0, streamer=streamer)
         if search_type == "beam" and streamer is not None:
             # transformers cannot stream beams (the best beam is known only at the end): stream the result.
             out = self.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
@@ -94,7 +97,8 @@ class TextToTextModel(T5ForConditionalGeneration):
                              streamer=streamer)
 
     def _contrastive_search(self, input_ids, attention_mask, max_new_tokens: int, penalty_alpha: float,
-                            top_k: int, repetition_penalty: float = 1.0, streamer=None) -> torch.Tensor:
+                            top_k: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                            streamer=None) -> torch.Tensor:
         """Contrastive search (Su et al. 2022) with the KV cache.
 
         Each step scores the top-k candidates by ``(1 - alpha) * p(v) - alpha * max cos(h_v, h_<t)`` where ``h``
@@ -115,6 +119,8 @@ class TextToTextModel(T5ForConditionalGeneration):
         processors = LogitsProcessorList()
         if repetition_penalty and repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        if no_repeat_ngram_size and no_repeat_ngram_size > 0:
+            processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
         enc_h_k = enc.last_hidden_state.repeat_interleave(top_k, dim=0)
         mask_k = attention_mask.repeat_interleave(top_k, dim=0)

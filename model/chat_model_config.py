@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from transformers import GenerationConfig, T5Config
 
-from config import EOS_ID, PAD_ID, ModelConfig, model_config
+from config import EOS_ID, GENERATION_DEFAULTS, PAD_ID, ModelConfig, model_config
 
 
 def t5_config(cfg: ModelConfig | str = "small", vocab_size: int | None = None, **overrides) -> T5Config:
@@ -33,8 +33,9 @@ def t5_config(cfg: ModelConfig | str = "small", vocab_size: int | None = None, *
     )
 
 
-def default_generation_config(max_new_tokens: int = 256) -> GenerationConfig:
-    """What ``generation_config.json`` holds: plain greedy decoding with the project's special ids."""
+def default_generation_config(**overrides) -> GenerationConfig:
+    """What ``generation_config.json`` holds: greedy decoding with the chat defaults (``GENERATION_DEFAULTS``),
+    so ``model.generate`` in plain transformers answers as ``ChatBot`` does."""
     return GenerationConfig(
         eos_token_id=EOS_ID, pad_token_id=PAD_ID, decoder_start_token_id=PAD_ID,
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True)
+        do_sample=False, num_beams=1, use_cache=True, **{**GENERATION_DEFAULTS, **overrides})

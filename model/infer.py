@@ -33,7 +33,8 @@ from model.checkpoint import check_model_folder, load_model_folder, pick_device
 ENGINES = ("torch", "ct2")
 # Settings a caller may change per request; everything else is fixed by the server's config.
 GEN_KEYS = ("search_type", "max_new_tokens", "num_beams", "temperature", "top_k", "top_p",
-            "repetition_penalty", "penalty_alpha", "contrastive_top_k")
+            "repetition_penalty", "no_repeat_ngram_size", "penalty_alpha", "contrastive_top_k")
+FOLDER_KEYS = ("max_new_tokens", "repetition_penalty", "no_repeat_ngram_size")  # None: generation_config.json
 History = Sequence[Sequence[str]]  # [(user, assistant), ...]
 
 
@@ -244,7 +245,7 @@ class CT2Engine:
         if st == "contrastive":
             raise ValueError("contrastive search is not available with --engine ct2; use --engine torch")
         kw = dict(max_decoding_length=s["max_new_tokens"], repetition_penalty=s["repetition_penalty"],
-                  return_end_token=True, max_input_length=0)
+                  no_repeat_ngram_size=s["no_repeat_ngram_size"], return_end_token=True, max_input_length=0)
         if st == "beam":
             kw.update(beam_size=s["num_beams"])
         elif st == "sampling":
@@ -283,6 +284,24 @@ def torch_thread_init(n: Optional[int] = None) -> Callable[[], None]:
     return lambda: torch.set_num_threads(n)
 
 
+def folder_generation_defaults(model_dir: str | Path, cfg: InferConfig) -> dict:
+    """The settings left unset (None) in ``cfg``, from the folder's ``generation_config.json``: what plain
+    ``model.generate`` uses, so the CLI, the API and transformers give one answer for one prompt."""
+    from config import GENERATION_DEFAULTS
+    saved = {}
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    out = {}
+    for k in FOLDER_KEYS:
+        if getattr(cfg, k) is None:
+            v = saved.get(k)
+            out[k] = GENERATION_DEFAULTS[k] if v is None else v
+    if out.get("repetition_penalty") is not None:
+        out["repetition_penalty"] = float(out["repetition_penalty"])
+    return out
+
+
 class ChatBot:
     """Loads a model folder and answers: ``chat`` (batch), ``stream_chat`` (one streamer per call), multi-turn.
 
@@ -297,11 +316,11 @@ class ChatBot:
             cfg = dataclasses.replace(cfg, **overrides)
         if cfg.engine not in ENGINES:
             raise ValueError(f"unknown engine {cfg.engine!r}; expected one of {', '.join(ENGINES)}")
-        self.cfg = cfg
+        self.model_dir = check_model_folder(cfg.model_dir)
+        self.cfg = cfg = dataclasses.replace(cfg, **folder_generation_defaults(self.model_dir, cfg))
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
         self.defaults = self.settings()  # validates the config's own settings
-        self.model_dir = check_model_folder(cfg.model_dir)
         self.model_name = cfg.model_name or self.model_dir.resolve().name
         self.engine = cfg.engine
         if cfg.engine == "torch":
@@ -328,6 +347,8 @@ class ChatBot:
         for k in ("max_new_tokens", "num_beams", "top_k", "contrastive_top_k"):
             if not isinstance(s[k], int) or isinstance(s[k], bool) or s[k] < 1:
                 raise ValueError(f"{k} must be a positive integer, got {s[k]!r}")
+        if not isinstance(s["no_repeat_ngram_size"], int) or s["no_repeat_ngram_size"] < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: off), got {s['no_repeat_ngram_size']!r}")
         if not 0 < float(s["temperature"]) <= 100:
             raise ValueError(f"temperature must be in (0, 100], got {s['temperature']!r}")
         if not 0 < float(s["top_p"]) <= 1:

@@ -62,7 +62,7 @@ def load_tokenizer_and_model(cfg: TrainConfig):
     else:
         tokenizer = load_tokenizer(cfg.tokenizer_dir)
         extra = {} if cfg.dropout_rate is None else {"dropout_rate": cfg.dropout_rate}
-        model = TextToTextModel.from_preset(cfg.preset, vocab_size=len(tokenizer), **extra)
+        model = TextToTextModel.from_preset(cfg.preset, vocab_size=len(tokenizer), **{**cfg.model_overrides, **extra})
     if model.config.vocab_size < len(tokenizer):
         raise ValueError(f"model has {model.config.vocab_size} embeddings but the tokenizer {len(tokenizer)} ids")
     return tokenizer, model
@@ -239,9 +239,16 @@ class Trainer:
             acc.print("skipped empty rows: " + ", ".join(f"{p}: {n}" for p, n in skipped.items() if n))
         self.valid = None
         if cfg.valid_file:
-            self.valid = TextToTextDataset(cfg.valid_file, self.tokenizer, cfg.max_source_len, cfg.max_target_len,
+            self.valid = TextToTextDataset(cfg.valid_file, self.tokenizer, cfg.eval_max_source_len or cfg.max_source_len,
+                                           cfg.eval_max_target_len or cfg.max_target_len,
                                            cfg.text_mode, cfg.noise_density, cfg.mean_noise_span_length,
                                            seed=cfg.seed, max_samples=cfg.max_eval_samples)
+        self.valid_chars, self.baselines = 0, {}
+        if self.valid is not None:
+            targets = self.valid_target_texts()
+            self.valid_chars = sum(len(t) for t in targets)
+            if cfg.baselines and self.is_main:
+                self.baselines = char_baselines(cfg.train_file, targets, self.out)
         ga = max(1, cfg.gradient_accumulation_steps)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else \
             max(1, int(math.ceil(cfg.epochs * self.batches.batches_per_epoch / ga)))
@@ -341,6 +348,11 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model).model
 
     # --------------------------------------------------------------------------------------- evaluation
+    def valid_target_texts(self) -> list[str]:
+        """The text of every validation target (what bits per character divide by)."""
+        ds = self.valid
+        return self.tokenizer.batch_decode([ds.pair(k)[1] for k in ds._keys0], skip_special_tokens=True)
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Eval loss and perplexity over the validation set (token-weighted, all ranks), char BLEU on a sample."""
@@ -365,7 +377,9 @@ class Trainer:
             n_tok += n
         loss_sum, n_tok = acc.reduce(loss_sum, "sum"), acc.reduce(n_tok, "sum")
         loss = float(loss_sum / n_tok.clamp(min=1))
-        metrics = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
+        from model.quality import bits_per_char
+        metrics = {"eval_loss": loss, "eval_ppl": perplexity(loss),
+                   "eval_bpc": bits_per_char(float(loss_sum), self.valid_chars)}
         if cfg.bleu_samples > 0:
             from accelerate.utils import DistributedType
             if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
@@ -406,6 +420,10 @@ class Trainer:
         if cfg.debug_dump_samples:
             (self.out / "debug").mkdir(parents=True, exist_ok=True)
             dump = open(self.out / "debug" / f"samples_rank{self.rank}.jsonl", "a" if resumed else "w")
+        if self.baselines:
+            logger.log(step=start, **self.baselines)
+            acc.print("held-out character baselines: unigram {baseline_unigram_bpc:.3f} bpc, bigram "
+                      "{baseline_bigram_bpc:.3f} bpc".format(**self.baselines))
         acc.print(f"training {self.param_info['trainable_params']:,} of {self.param_info['params']:,} parameters, "
                   f"{self.world} process(es), {self.total_steps} steps"
                   + (f", resumed from {resumed}" if resumed else ""))
@@ -450,7 +468,7 @@ class Trainer:
                 if dump is not None:
                     dump.write(json.dumps({"step": step, "keys": [k for b in micro for k in b.keys]}) + "\n")
                     dump.flush()
-                if step % cfg.logging_steps == 0 or step == self.total_steps or step == start + 1:
+                if _every(step, cfg.logging_steps) or step == self.total_steps or step == start + 1:
                     sums = acc.reduce(torch.tensor([window["loss"], window["tok"], window["in_tok"], window["pad"]],
                                                    dtype=torch.float64, device=acc.device), "sum")
                     dt = time.perf_counter() - window["t"]
@@ -469,7 +487,7 @@ class Trainer:
                                                f"{last['tokens_per_s']:.0f} tok/s")
                     window = {"loss": 0.0, "tok": 0, "in_tok": 0, "pad": 0, "t": time.perf_counter(), "steps": 0}
                 progress.update(task, completed=step)
-                if self.valid is not None and (step % cfg.eval_steps == 0 or step == self.total_steps):
+                if self.valid is not None and (_every(step, cfg.eval_steps) or step == self.total_steps):
                     ev = self.evaluate()
                     logger.log(step=step, **ev)
                     if acc.log_with:
@@ -484,7 +502,7 @@ class Trainer:
                 flag = torch.tensor([1.0 if stop.signum else 0.0], device=acc.device)
                 if self.world > 1:
                     flag = acc.reduce(flag, "sum")
-                if step % cfg.save_steps == 0 or (flag.item() > 0 and step < self.total_steps):
+                if _every(step, cfg.save_steps) or (flag.item() > 0 and step < self.total_steps):
                     path = self.save_checkpoint()
                     if flag.item() > 0:
                         stopped_by = signal.Signals(stop.signum).name if stop.signum else "peer"
@@ -499,7 +517,7 @@ class Trainer:
                   "interrupted": stopped_by is not None, "runtime_s": round(runtime, 2),
                   "cpu_s": round(cpu, 2),
                   "best_step": self.state["best_step"], "best_eval_loss": self.state["best_eval_loss"],
-                  **{k: v for k, v in last.items()}, **self.param_info}
+                  **{k: v for k, v in last.items()}, **self.baselines, **self.param_info}
         if stopped_by is None:
             self.export(self.out)
             if self.is_main:
@@ -507,7 +525,7 @@ class Trainer:
                 try:
                     from utils.plots import plot_curves
                     plot_curves(metrics_path, self.out / "loss_curve.png",
-                                keys=[k for k in ("loss", "eval_loss", "lr", "bleu") if k])
+                                keys=["loss", "eval_loss", "eval_bpc", "lr", "bleu"])
                 except Exception as e:  # a plot must never fail a finished run
                     acc.print(f"loss curve not drawn: {e}")
         result["skipped_rows"] = self.skipped_rows()
@@ -517,6 +535,51 @@ class Trainer:
         if acc.log_with:
             acc.end_training()
         return result
+
+
+def _every(step: int, interval: int) -> bool:
+    """True every ``interval`` steps; an interval of 0 (or less) means off."""
+    return interval > 0 and step % interval == 0
+
+
+_FITTED_BASELINES: dict = {}  # training files' signature -> CharNgramBaselines (one fit per process)
+
+
+def char_baselines(train_file: str, targets: list[str], out: Path) -> dict:
+    """Character unigram/bigram bpc of the held-out targets, estimated on the run's training text.
+
+    The fit is kept per process (a study runs many configs on one text) and the figures are cached in
+    ``out/baselines.json`` under the training files' names, sizes and times and the targets, so a resumed run
+    does not count again.
+    """
+    import hashlib
+    from model.dataset import iter_source_rows, open_sources
+    from model.quality import CharNgramBaselines
+    sources = [s for s in open_sources(train_file) if s.weight > 0]
+    signature = json.dumps([[s.path, os.path.getsize(s.path), os.path.getmtime(s.path)] for s in sources])
+    key = hashlib.sha256(json.dumps([signature] + targets, ensure_ascii=False).encode()).hexdigest()
+    cache = out / "baselines.json"
+    if cache.is_file():
+        got = json.loads(cache.read_text(encoding="utf-8"))
+        if got.get("key") == key:
+            return got["baselines"]
+
+    def texts():
+        for s in sources:
+            for _, rows, _ in iter_source_rows(s, chunk=4096):
+                for r in rows:
+                    yield from (str(x) for x in r)
+
+    t0 = time.perf_counter()
+    if signature not in _FITTED_BASELINES:
+        _FITTED_BASELINES.clear()
+        _FITTED_BASELINES[signature] = CharNgramBaselines(texts())
+    b = _FITTED_BASELINES[signature].bpc(targets)
+    b = {"baseline_unigram_bpc": b["unigram_bpc"], "baseline_bigram_bpc": b["bigram_bpc"],
+         "baseline_discount": b["discount"], "eval_chars": b["chars"], "baseline_s": round(time.perf_counter() - t0, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"key": key, "baselines": b}, indent=1), encoding="utf-8")
+    return b
 
 
 def param_checksum(model) -> str:

@@ -60,3 +60,35 @@ def test_cli_bad_option(capsys):
     with pytest.raises(SystemExit):
         cli_demo.main(search_typ="beam")
     assert "unknown option" in capsys.readouterr().out
+
+
+def test_help_lists_every_field_with_type_default_and_meaning():
+    import dataclasses
+    from config import DPOConfig, InferConfig, TrainConfig
+    for script, cls in (("train.py train", TrainConfig), ("dpo_train.py train", DPOConfig), ("api_demo.py", InferConfig)):
+        p = subprocess.run([sys.executable, *script.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        for f in dataclasses.fields(cls):
+            assert f"--{f.name} " in p.stdout, (script, f.name)
+        assert "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "train.py", "train", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    line = next(x for x in p.stdout.splitlines() if x.strip().startswith("--save_steps "))
+    assert "int" in line and "1000" in line and "0: off" in line
+
+
+def test_flag_values_are_checked_against_the_field_types(tmp_path):
+    from config import InferConfig, TrainConfig, make_config
+    assert make_config(InferConfig, api_key=123456).api_key == "123456"  # fire parsed it as an int
+    assert make_config(TrainConfig, learning_rate=1).learning_rate == 1.0
+    with pytest.raises(ValueError, match="TrainConfig.save_steps expects int, got 'often'"):
+        make_config(TrainConfig, save_steps="often")
+    with pytest.raises(ValueError, match="TrainConfig.cpu expects bool"):
+        make_config(TrainConfig, cpu=3)
+    run = tmp_path / "run.yaml"
+    run.write_text("learning_rate: 0.002\nmax_steps: 50\n", encoding="utf-8")
+    cfg = make_config(TrainConfig, config=str(run), max_steps=7)  # the flag wins over the file
+    assert (cfg.learning_rate, cfg.max_steps) == (0.002, 7)
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        make_config(TrainConfig, config=str(tmp_path / "nope.yaml"))

@@ -1,6 +1,7 @@
 """ChatBot: streaming equals non-streamed, batch equals single, history budget, cancellation, ct2 engine."""
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -216,3 +217,25 @@ def test_ct2_cancel(ct2_bots):
     with pytest.raises(GenerationCancelled):
         i8.generate(i8.build_input_ids("7千米等于多少米？"), streamer=streamer, max_new_tokens=40)
     assert streamer.n_tokens == 2
+
+
+def test_chatbot_and_plain_generate_agree_through_the_saved_generation_config(toy_model_dir):
+    """The chat defaults live in generation_config.json: plain ``model.generate`` and ChatBot give the same ids;
+    a flag overrides the folder."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from config import GENERATION_DEFAULTS, EOS_ID
+    saved = json.loads((toy_model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    for k, v in GENERATION_DEFAULTS.items():
+        assert saved[k] == v, k
+    bot = ChatBot(model_dir=str(toy_model_dir), device="cpu")
+    assert (bot.cfg.max_new_tokens, bot.cfg.repetition_penalty, bot.cfg.no_repeat_ngram_size) == \
+        (saved["max_new_tokens"], saved["repetition_penalty"], saved["no_repeat_ngram_size"])
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(toy_model_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(toy_model_dir))
+    for q in ("你好", "3加4等于多少？", "怎样保持健康？", "一二三四五六七八九十"):
+        with torch.no_grad():
+            plain = model.generate(**tok(q, return_tensors="pt"))[0, 1:].tolist()  # drop the decoder start
+        if EOS_ID in plain:
+            plain = plain[:plain.index(EOS_ID) + 1]
+        assert bot.generate(bot.build_input_ids(q)).ids == plain, q
+    assert ChatBot(model_dir=str(toy_model_dir), device="cpu", repetition_penalty=1.0).cfg.repetition_penalty == 1.0

@@ -10,6 +10,8 @@ import pytest
 from config import PIPELINE_PROFILES, PipelineConfig, make_config
 from utils.pipeline_runner import Stage, run_stages
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _write(path: Path, text: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; open({str(path)!r}, 'a').write({text!r} + ' '.join(sys.argv[1:]) + '\\n')"]
@@ -76,8 +78,8 @@ def _flag_names(cmd: list[str]) -> set[str]:
     return {a[2:].split("=", 1)[0] for a in cmd if a.startswith("--")}
 
 
-@pytest.mark.parametrize("profile", ["demo", "cpu", "gpu"])
-def test_every_stage_flag_is_an_option_of_its_script(profile, tmp_path):
+@pytest.mark.parametrize("profile,dry_run", [("demo", False), ("cpu", False), ("gpu", False), ("gpu", True)])
+def test_every_stage_flag_is_an_option_of_its_script(profile, dry_run, tmp_path):
     """A typo in a profile (a flag no script knows) would only surface an hour into a run; catch it here."""
     import dataclasses
     import inspect
@@ -95,6 +97,9 @@ def test_every_stage_flag_is_an_option_of_its_script(profile, tmp_path):
         "finetune_examples/info_extract/finetune.py": set(inspect.signature(finetune).parameters) | train_opts,
     }
     cfg = make_config(PipelineConfig, profile, PIPELINE_PROFILES, root=str(tmp_path / "root"))
+    if dry_run:
+        from config import dry_run_profile
+        cfg = make_config(PipelineConfig, profile, PIPELINE_PROFILES, **dry_run_profile(cfg))
     checked = set()
     for stage in pipeline.build_stages(cfg):
         for cmd in stage.commands:
@@ -141,3 +146,31 @@ def test_report_card_reads_stage_outputs_and_publishes_text_and_plots(tmp_path):
     published = sorted(p.relative_to(tmp_path / "docs").as_posix() for p in (tmp_path / "docs").rglob("*")
                        if p.is_file())
     assert published == ["plots/ceval_categories.png", "plots/sft_curves.png", "report.md"]
+
+
+def test_gpu_profile_dry_run_runs_every_stage_through_accelerate_with_two_processes(tmp_path):
+    """The gpu profile's stages, launcher and settings, a few steps each on a narrow model: 2 CPU processes
+    (gloo) when the machine has no GPU, one per GPU otherwise."""
+    import subprocess
+    from conftest import require_shared_data
+    require_shared_data("ie/duie")
+    root = ROOT / "model_save" / "test_gpu"
+    import shutil
+    shutil.rmtree(str(root) + "_dry_run", ignore_errors=True)
+    p = subprocess.run([sys.executable, "pipeline.py", "--profile=gpu", "--dry_run=True", f"--root={root}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    dry = Path(str(root) + "_dry_run")
+    for f in ("pretrain/model.safetensors", "sft/model.safetensors", "dpo/model.safetensors", "model.safetensors",
+              "eval/ceval/results.json", "ie/ie_scores.json", "ie_scratch/ie_scores.json", "report.md"):
+        assert (dry / f).is_file(), f
+    import torch
+    procs = max(1, torch.cuda.device_count()) if torch.cuda.device_count() else 2
+    pre_log = (dry / "stages" / "pretrain.log").read_text(encoding="utf-8")
+    assert f"{procs} process(es)" in pre_log
+    for stage in ("pretrain", "sft"):
+        ckpts = sorted((dry / stage / "checkpoints").glob("step-*"))
+        assert ckpts and all((c / f"data_state_rank{r}.pkl").is_file() for c in ckpts for r in range(procs))
+    report = (dry / "report.md").read_text(encoding="utf-8")
+    assert "held-out bits per character" in report
+    shutil.rmtree(dry, ignore_errors=True)

@@ -152,7 +152,8 @@ def test_mixed_corpus_outputs_and_report(mixed, tmp_path):
     assert "多休息，多喝水，必要时就医。" in set(pairs.response)
     assert "头痛怎么办\n最近总是头痛怎么办？" in set(pairs.prompt)  # the title+description rule
     assert "用户：你好\n助手：你好！有什么可以帮你？\n用户：讲个笑话" in set(pairs.prompt)
-    text = pd.read_parquet(out / "my_text_dataset.parquet")
+    text = pd.concat([pd.read_parquet(out / f) for f in
+                      ("my_text_dataset.parquet", "my_valid_text.parquet", "my_test_text.parquet")])
     assert list(text.columns) == ["text", "title", "source"]
     assert "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？" in set(text.text)  # traditional -> simplified
     dpo = pd.read_parquet(out / "my_dpo_dataset.parquet")
@@ -183,6 +184,36 @@ def test_splits_are_seeded_and_follow_the_ratios(tmp_path):
     assert a.prompt.tolist() != sorted(a.prompt.tolist(), key=lambda p: int(p[1:p.index("个")]))  # shuffled
     r3 = _run(root, src, tmp_path / "o3", seed=2, splits={"train": 0.8, "valid": 0.1, "test": 0.1})
     assert not pd.read_parquet(tmp_path / "o3" / "my_train_dataset.parquet").equals(a)
+
+
+def test_held_out_rows_never_reach_the_training_text_or_the_corpus(tmp_path):
+    """A prose row, the pair made from it and its corpus line share one split: held-out prose is neither
+    pretraining text nor tokenizer text (so held-out bpc is measured on text never trained on)."""
+    root = tmp_path / "raw"
+    root.mkdir()
+    lines = [f"第{i}篇文章讲的是第{i * 7 + 3}号观测站。它记录了{i % 13 + 2}年的气温和降水。" for i in range(600)]
+    (root / "prose.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    qa = [{"instruction": f"问题{i}：{i}加{i + 5}等于几？", "output": f"{i}加{i + 5}等于{2 * i + 5}。"} for i in range(400)]
+    _jsonl(root / "q.jsonl", qa)
+    src = [{"name": "p", "role": "pretrain", "reader": "lines", "path": "prose.txt", "pairs": "split",
+            "near_dedup": False},
+           {"name": "q", "role": "sft", "reader": "jsonl", "path": "q.jsonl", "prompt": "instruction",
+            "response": "output", "near_dedup": False}]
+    out = tmp_path / "o"
+    rep = _run(root, src, out, splits={"train": 0.8, "valid": 0.1, "test": 0.1})
+    _adds_up(rep)
+    train_text = set(pd.read_parquet(out / "my_text_dataset.parquet").text)
+    held_text = set(pd.concat([pd.read_parquet(out / f"my_{k}_text.parquet") for k in ("valid", "test")]).text)
+    assert held_text and train_text and not (train_text & held_text)
+    assert len(train_text) + len(held_text) == 600  # every prose row is somewhere
+    corpus = set((out / "my_corpus.txt").read_text(encoding="utf-8").splitlines())
+    assert not (held_text & corpus) and train_text <= corpus
+    held_pairs = pd.concat([pd.read_parquet(out / f"my_{k}_dataset.parquet") for k in ("valid", "test")])
+    train_pairs = pd.read_parquet(out / "my_train_dataset.parquet")
+    for p, r in zip(held_pairs.prompt, held_pairs.response):
+        assert not any(t.startswith(p) for t in train_text)  # a pair made from prose: its prose is held out
+        assert f"{p} {r}" not in corpus  # SFT pairs held out of the tokenizer text
+    assert not (set(held_pairs.prompt) & set(train_pairs.prompt))
 
 
 # ------------------------------------------------------------------ unreadable files and optional sources
@@ -267,7 +298,8 @@ def test_reference_named_sources(tmp_path):
     assert got["翻译成英文\n你好"] == "Hello."
     wiki_prompts = [p for p, r in got.items() if r.startswith("数学是利用符号语言")]
     assert len(wiki_prompts) == 1 and "数学" in wiki_prompts[0] and wiki_prompts[0] != "数学"  # a question template
-    text = pd.read_parquet(out / "my_text_dataset.parquet")
+    text = pd.concat([pd.read_parquet(out / f) for f in
+                      ("my_text_dataset.parquet", "my_valid_text.parquet", "my_test_text.parquet")])
     assert text.title.tolist() == ["数学"]
     assert set(PRESETS) >= {"webtext2019zh", "baike_qa2019", "medical_dialogue", "zhihu_kol", "belle", "zhwiki",
                             "alpaca_gpt4_zh"}

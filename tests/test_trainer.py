@@ -190,3 +190,39 @@ def test_metrics_logging_and_plot(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "m.jsonl")] == [1, 2, 3]
     png = plot_curves(tmp_path / "m.jsonl", tmp_path / "c.png")
     assert png is not None and png.stat().st_size > 1000
+
+
+def test_eval_reports_bits_per_char_and_the_character_baselines(tok_dir, demo_data, tmp_path):
+    """eval_bpc = summed target NLL in bits / characters of the targets, recomputed here with plain transformers;
+    the baselines equal a CharNgramBaselines fitted here on the same training files."""
+    import math
+    import pandas as pd
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from model.quality import CharNgramBaselines
+    out = tmp_path / "bpc"
+    kw = base_kw(tok_dir, demo_data, out, train_file=f"{demo_data['sft']}:1", text_mode="prefix", max_steps=6,
+                 save_steps=0, eval_steps=0, bleu_samples=0, max_eval_samples=1000)
+    r = train(make_config(TrainConfig, **kw))
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(out)).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    valid = pd.read_parquet(demo_data["sft_valid"])
+    nll, chars, targets = 0.0, 0, []
+    for p, t in zip(valid.prompt, valid.response):
+        src = tok(p, truncation=True, max_length=32, return_tensors="pt")
+        tgt = tok(t, truncation=True, max_length=32, return_tensors="pt").input_ids
+        with torch.no_grad():
+            loss = model(**src, labels=tgt).loss.item()  # mean over the target tokens
+        nll += loss * tgt.shape[1]
+        text = tok.decode(tgt[0], skip_special_tokens=True)
+        chars += len(text)
+        targets.append(text)
+    # float32 logits: each per-token loss carries ~1e-6 relative round-off, the sums over a few hundred tokens
+    # stay well inside 1e-4
+    assert r["eval_bpc"] == pytest.approx(nll / math.log(2) / chars, rel=1e-4)
+    sft = pd.read_parquet(demo_data["sft"])
+    ref = CharNgramBaselines([x for pair in zip(sft.prompt, sft.response) for x in pair]).bpc(targets)
+    assert r["baseline_bigram_bpc"] == pytest.approx(ref["bigram_bpc"], rel=1e-12)  # the same counts, in float64
+    assert r["baseline_unigram_bpc"] == pytest.approx(ref["unigram_bpc"], rel=1e-12)
+    assert r["baseline_bigram_bpc"] < r["baseline_unigram_bpc"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_bpc" in x for x in rows) and any("baseline_bigram_bpc" in x for x in rows)

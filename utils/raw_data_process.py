@@ -12,8 +12,10 @@ Rows stream through: read -> map -> clean -> filter -> exact dedup -> near dedup
 * ``my_train_dataset.parquet``, ``my_valid_dataset.parquet``, ``my_test_dataset.parquet`` (``prompt``,
   ``response``): SFT rows and prompt/response pairs made from prose, split at random (seeded) and shuffled
   through on-disk buckets (memory: one bucket);
-* ``my_text_dataset.parquet`` (``text``, ``title``, ``source``): the prose rows (pretraining text);
-* ``my_corpus.txt``: plain text for tokenizer training, one document per line;
+* ``my_text_dataset.parquet`` (``text``, ``title``, ``source``): the prose rows of the train split (pretraining
+  text); ``my_valid_text.parquet`` and ``my_test_text.parquet``: held-out prose. A prose row and the pair made
+  from it share one split, so nothing held out is ever trained on;
+* ``my_corpus.txt``: plain text of the train split (and DPO/IE rows) for the tokenizer, one document per line;
 * ``my_dpo_dataset.parquet`` (``prompt``, ``chosen``, ``rejected``), ``my_ie_dataset.parquet`` (``text``,
   ``triples`` as JSON);
 * ``report.json``: per source rows read / kept / dropped by reason, bad-row details and first locations,
@@ -457,6 +459,12 @@ class _Reservoir:
                 self.items[j] = item
 
 
+def text_file_name(split: str, train_split: str = "train") -> str:
+    """Prose of the training split is ``my_text_dataset.parquet`` (the pretraining text); held-out prose is
+    ``my_<split>_text.parquet``."""
+    return "my_text_dataset.parquet" if split == train_split else f"my_{split}_text.parquet"
+
+
 class Outputs:
     def __init__(self, out_dir: Path, cfg: dict):
         self.out_dir = out_dir
@@ -470,7 +478,10 @@ class Outputs:
                                          random.Random(seed + 2 + len(name)))) if cfg["shuffle"] else \
             (lambda name: _ParquetSink(out_dir / name, PARQUET_SCHEMAS["split"]))
         self.split_sinks = {k: mk(f"my_{k}_dataset.parquet") for k, _ in self.splits}
-        self.text = _ParquetSink(out_dir / "my_text_dataset.parquet", PARQUET_SCHEMAS["text"])
+        # prose is split like the pairs: held-out rows never reach the pretraining text or the corpus
+        self.train_split = "train" if "train" in dict(self.splits) else self.splits[0][0]
+        self.text_sinks = {k: _ParquetSink(out_dir / text_file_name(k, self.train_split), PARQUET_SCHEMAS["text"])
+                           for k, _ in self.splits}
         self.dpo = _ParquetSink(out_dir / "my_dpo_dataset.parquet", PARQUET_SCHEMAS["dpo"])
         self.ie = _ParquetSink(out_dir / "my_ie_dataset.parquet", PARQUET_SCHEMAS["ie"])
         self.corpus = open(out_dir / "my_corpus.txt", "w", encoding="utf-8")
@@ -479,7 +490,7 @@ class Outputs:
         self.corpus_newline = cfg["corpus"].get("newline", "space")
         self.samples = _Reservoir(int(cfg.get("samples", 50)), random.Random(seed + 3))
 
-    def _split_of(self) -> str:
+    def split_of(self) -> str:
         r = self.split_rng.random()
         acc = 0.0
         for k, v in self.splits:
@@ -488,11 +499,15 @@ class Outputs:
                 return k
         return self.splits[-1][0]
 
-    def add_pair(self, prompt: str, response: str):
-        self.split_sinks[self._split_of()].add({"prompt": prompt, "response": response})
+    def add_pair(self, prompt: str, response: str, split: str):
+        self.split_sinks[split].add({"prompt": prompt, "response": response})
 
-    def add_corpus(self, text: str, role: str):
-        if role not in self.corpus_roles:
+    def add_text(self, row: dict, split: str):
+        self.text_sinks[split].add(row)
+
+    def add_corpus(self, text: str, role: str, split: str | None = None):
+        """The tokenizer's text: training rows only (``split`` None: a role that is not split, like DPO)."""
+        if role not in self.corpus_roles or split not in (None, self.train_split):
             return
         if self.corpus_newline == "escape":
             text = text.replace("\\", "\\\\").replace("\n", "\\n")
@@ -512,7 +527,7 @@ class Outputs:
         for k, s in self.split_sinks.items():
             s.close()
             counts[s.path.name] = s.rows
-        for s in (self.text, self.dpo, self.ie):
+        for s in (*self.text_sinks.values(), self.dpo, self.ie):
             s.close()
             counts[s.path.name] = s.rows
         self.corpus.close()
@@ -718,18 +733,20 @@ class Pipeline:
         role = r.role
         st.chars_out += sum(len(v) for v in f.values() if isinstance(v, str))
         if role == "pretrain":
-            outs.text.add({"text": f["text"], "title": r.title, "source": src["name"]})
-            outs.add_corpus(f["text"], role)
+            split = outs.split_of()
+            outs.add_text({"text": f["text"], "title": r.title, "source": src["name"]}, split)
+            outs.add_corpus(f["text"], role, split)
             outs.samples.add({"source": src["name"], "loc": r.loc, "text": f["text"]})
             if self.cfg["prose_pairs"] and "pretrain" in self.cfg["splits_roles"]:
                 pair = self._prose_pair(src, r, outs.pair_rng)
                 if pair:
                     st.pairs_from_prose += 1
-                    outs.add_pair(*pair)
+                    outs.add_pair(*pair, split)
         elif role == "sft":
+            split = outs.split_of()
             if "sft" in self.cfg["splits_roles"]:
-                outs.add_pair(f["prompt"], f["response"])
-            outs.add_corpus(f["prompt"] + "\n" + f["response"], role)
+                outs.add_pair(f["prompt"], f["response"], split)
+            outs.add_corpus(f["prompt"] + "\n" + f["response"], role, split)
             outs.samples.add({"source": src["name"], "loc": r.loc, "prompt": f["prompt"], "response": f["response"]})
         elif role == "dpo":
             outs.dpo.add(f)

@@ -121,7 +121,7 @@ def curves_section(root: Path, plots: Path) -> str:
             parts.append(f"- {stage}: not run")
             continue
         rows = read_jsonl(m)
-        keys = ["loss", "eval_loss", "lr"] if stage != "dpo" else [
+        keys = ["loss", "eval_loss", "eval_bpc", "lr"] if stage != "dpo" else [
             f"{split}{k}" for k in ("loss", "rewards/margins", "rewards/accuracies") for split in ("", "eval/")]
         png = plot_curves(m, plots / f"{stage}_curves.png", keys=keys, title=stage)
         last = next((r for r in reversed(rows) if "loss" in r), {})
@@ -133,6 +133,52 @@ def curves_section(root: Path, plots: Path) -> str:
         if png:
             parts.append(f"\n![{stage}](plots/{png.name})\n")
     return "\n".join(parts) + "\n"
+
+
+def quality_section(root: Path, plots: Path) -> str:
+    """Held-out bits per character of each trained stage against the character baselines (model/quality.py)."""
+    rows, curves = [], {}
+    base = {}
+    for stage in ("pretrain", "sft"):
+        m = root / stage / "metrics.jsonl"
+        if not m.is_file():
+            continue
+        recs = read_jsonl(m)
+        evals = [(r["step"], r["eval_bpc"]) for r in recs if "eval_bpc" in r]
+        b = next((r for r in recs if "baseline_bigram_bpc" in r), {})
+        base = base or b
+        if not evals:
+            continue
+        curves[stage] = evals
+        final = evals[-1][1]
+        bigram = b.get("baseline_bigram_bpc")
+        rows.append([stage, _fmt(evals[0][1]), _fmt(final), _fmt(min(v for _, v in evals)),
+                     _fmt(b.get("baseline_unigram_bpc")), _fmt(bigram),
+                     _fmt(bigram - final) if isinstance(bigram, float) else ""])
+    if not rows:
+        return "## Model quality (held-out bits per character)\n\nnot run\n"
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (stage, pts) in zip(axes.flat, curves.items()):
+        ax.plot(*zip(*pts), marker=".", label="model")
+        for k, style in (("baseline_unigram_bpc", ":"), ("baseline_bigram_bpc", "--")):
+            if isinstance(base.get(k), float):
+                ax.axhline(base[k], color="black", ls=style, label=k.replace("baseline_", "char ").replace("_bpc", ""))
+        ax.set_title(f"{stage}: held-out bpc")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plots / "bpc.png", dpi=90)
+    plt.close(fig)
+    return ("## Model quality (held-out bits per character)\n\n"
+            "Bits per character of the valid split's responses (never trained on), against a character unigram "
+            "(add-one) and an interpolated Kneser-Ney character bigram estimated on the same training text "
+            "(model/quality.py). Lower is better; the last column is how far the final model is below the bigram."
+            "\n\n" + _table(["stage", "first eval bpc", "final bpc", "best bpc", "char unigram", "char bigram",
+                              "bigram - final"], rows) + "\n\n![bpc](plots/bpc.png)\n")
 
 
 def dpo_section(root: Path) -> str:
@@ -176,13 +222,18 @@ def ceval_section(root: Path, plots: Path) -> str:
 
 
 def ie_section(root: Path) -> str:
-    res = _load(root / "ie" / "ie_scores.json")
-    if not res or not isinstance(res.get("dev"), dict):
+    runs = {name: _load(root / folder / "ie_scores.json") for name, folder in
+            (("from the pretrained model", "ie"), ("from random init, same budget", "ie_scratch"))}
+    runs = {k: v for k, v in runs.items() if v and isinstance(v.get("dev"), dict)}
+    if not runs:
         return "## Triple extraction\n\nnot run\n"
-    dev = res["dev"]
     keys = ("precision", "recall", "f1", "tp", "n_pred", "n_gold", "sentences", "unparsed")
-    return ("## Triple extraction\n\n" + _table(["metric", "value"], [[k, _fmt(dev.get(k))] for k in keys])
-            + f"\n\nTraining: {_fmt((res.get('train') or {}).get('steps'))} steps.\n")
+    rows = [[k] + [_fmt(r["dev"].get(k)) for r in runs.values()] for k in keys]
+    rows.append(["training steps"] + [_fmt((r.get("train") or {}).get("steps")) for r in runs.values()])
+    rows.append(["wall minutes (data, probe, training)"] + [_fmt(r.get("train_minutes"), 1) for r in runs.values()])
+    return ("## Triple extraction\n\nMicro P/R/F1 on DuIE dev sentences never trained on; both runs have the "
+            "same wall-clock budget, so the gap is what pretraining is worth.\n\n"
+            + _table(["metric"] + list(runs), rows) + "\n")
 
 
 def chat_section(root: Path) -> str:
@@ -197,7 +248,13 @@ def chat_section(root: Path) -> str:
         parts.append(_table(["question", "answer", "expected", "correct"],
                             [[h["prompt"], h["answer"], h["expected"], h["correct"]] for h in res["heldout"]]))
         parts.append("")
-    parts.append(_table(["prompt", "answer"], [[s["prompt"], s["answer"].replace("\n", " ")] for s in res["samples"]]))
+    parts.append(_table(["prompt", "answer", "top token share"],
+                        [[s["prompt"], s["answer"].replace("\n", " "), _fmt(s.get("top_token_share"), 2)]
+                         for s in res["samples"]]))
+    if "distinct_2" in res:
+        parts.append(f"\nDegenerate answers (one token over 30% of the answer's tokens): {res['degenerate']} of "
+                     f"{len(res['samples'])}; distinct-2 over the answers: {_fmt(res['distinct_2'])}. Decoding: "
+                     f"the model folder's generation_config.json ({res.get('generation', '')}).")
     return "\n".join(parts) + "\n"
 
 
@@ -236,7 +293,7 @@ def write_report_card(cfg) -> Path:
     plots = root / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     sections = [f"# Report card: profile `{cfg.profile}`\n", data_section(root, plots), tokenizer_section(root),
-                curves_section(root, plots), dpo_section(root), ceval_section(root, plots), ie_section(root),
+                quality_section(root, plots), curves_section(root, plots), dpo_section(root), ceval_section(root, plots), ie_section(root),
                 chat_section(root), stages_section(root), versions_section(cfg)]
     out = root / "report.md"
     out.write_text("\n".join(sections), encoding="utf-8")

@@ -1,0 +1,160 @@
+"""Recipe study: pretraining configurations at equal wall time on this machine, judged by held-out bpc.
+
+Every run pretrains from scratch on the `cpu` profile's data (all of ../shared/data through the data stage) for
+the same wall-clock budget with the same threads, and is scored by bits per character on the same held-out
+targets (the valid split's responses, 128 tokens), against a character unigram and a Kneser-Ney character
+bigram estimated on the same training text (model/quality.py). The step count of each run comes from a short
+timing probe of that configuration, so a cosine schedule ends where the budget does.
+
+    python bench/bench_recipe.py                 # every configuration, 90 s each (~40 min on 2 cores)
+    python bench/bench_recipe.py --quick         # three configurations, 30 s each
+    python bench/bench_recipe.py --only=mini,lr_1e-2 --budget_s=300
+
+Writes ``<out>/results.jsonl`` (one line per run), ``<out>/recipe.png`` (held-out bpc against training time) and
+prints the table; the last line is one JSON object {"bench": "recipe", "ratio": bigram bpc / best bpc, "bpc":
+{run: bpc}, ...}: a ratio above 1 means the best run beats the bigram.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import fire  # noqa: E402
+
+from config import SHARED_DATA  # noqa: E402
+
+MINI = dict(d_model=256, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=64, d_ff=1024)
+TINY = dict(d_model=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=32, d_ff=512)
+# The base of every variant: a ~6M-parameter T5 at lr 3e-3, no dropout, prefix LM, 128+128 tokens.
+BASE = dict(preset="small", model_overrides=MINI, dropout_rate=0.0, learning_rate=3e-3, optimizer="adamw",
+            text_mode="prefix", max_source_len=128, max_target_len=128, batch_size_per_gpu=16, group_by_length=True)
+CONFIGS: dict[str, dict] = {
+    # the `cpu` profile before this study: 42M parameters, dropout 0.1, lr 7e-4
+    "cpu_profile_before": dict(BASE, model_overrides={}, dropout_rate=0.1, learning_rate=7e-4),
+    "mini": dict(BASE),
+    "size_tiny": dict(BASE, model_overrides=TINY),
+    "size_small": dict(BASE, model_overrides={}),
+    "tiny_lr_1e-2": dict(BASE, model_overrides=TINY, learning_rate=1e-2),
+    "ffn_gated_gelu": dict(BASE, model_overrides=dict(MINI, feed_forward_proj="gated-gelu")),
+    "dropout_0.1": dict(BASE, dropout_rate=0.1),
+    "lr_1e-3": dict(BASE, learning_rate=1e-3),
+    "lr_1e-2": dict(BASE, learning_rate=1e-2),
+    "adafactor_1e-2": dict(BASE, optimizer="adafactor", learning_rate=1e-2),
+    "objective_span": dict(BASE, text_mode="span"),
+    "objective_mix": dict(BASE, text_mode="mix"),
+    "seq_64": dict(BASE, max_source_len=64, max_target_len=64),
+    "batch_32": dict(BASE, batch_size_per_gpu=32),
+    "no_length_grouping": dict(BASE, group_by_length=False),
+    "vocab_4096": dict(BASE, tokenizer="4096"),
+}
+QUICK = ("mini", "lr_1e-2", "objective_span")
+EVAL_LEN = 128
+
+
+def _prepare(out: Path) -> tuple[Path, dict]:
+    """The data stage and the tokenizers (8,192 and 4,096 ids), once; later runs reuse them."""
+    py = sys.executable
+    data = out / "data"
+    if not (data / "my_train_dataset.parquet").is_file():
+        subprocess.run([py, "-m", "utils.raw_data_process", "--config=data/sources/shared_all.yaml",
+                        f"--output_dir={data}", "--quiet=True"], cwd=ROOT, check=True)
+    toks = {}
+    for v in ("8192", "4096"):
+        d = out / f"tokenizer_{v}"
+        if not (d / "tokenizer.json").is_file():
+            subprocess.run([py, "train_tokenizer.py", f"--inputs={data / 'my_corpus.txt'}", f"--output_dir={d}",
+                            f"--vocab_size={v}", "--token_type=char"], cwd=ROOT, check=True)
+        toks[v] = d
+    return data, toks
+
+
+def _train(name: str, spec: dict, data: Path, toks: dict, out: Path, steps: int, eval_every: int,
+           max_eval: int, threads: int, valid: bool) -> dict:
+    from model.trainer import train, train_config
+    spec = dict(spec)
+    tok = toks[spec.pop("tokenizer", "8192")]
+    cfg = train_config("pretrain", **spec, train_file=f"{data / 'my_text_dataset.parquet'}:1,"
+                                                    f"{data / 'my_train_dataset.parquet'}:1",
+                       valid_file=str(data / "my_valid_dataset.parquet") if valid else None,
+                       tokenizer_dir=str(tok), output_dir=str(out / name), max_steps=steps, warmup_steps=0.05,
+                       eval_steps=eval_every, save_steps=0, logging_steps=max(1, min(20, steps)),
+                       max_eval_samples=max_eval, eval_max_source_len=EVAL_LEN, eval_max_target_len=EVAL_LEN,
+                       bleu_samples=0, num_threads=threads, log_with="none", show_progress=False, save_best=False)
+    return train(cfg)
+
+
+def _plot(results: list[dict], out: Path, png: Path, budget_s: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from utils.logging_utils import read_jsonl
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        rows = read_jsonl(out / r["run"] / "metrics.jsonl")  # x: training seconds, eval time left out
+        pts = [(x["step"] / r["steps"] * budget_s, x["eval_bpc"]) for x in rows if "eval_bpc" in x]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", label=f"{r['run']} ({r['bpc']:.2f})")
+    b = results[0]
+    ax.axhline(b["baseline_unigram_bpc"], color="grey", ls="--", label=f"char unigram ({b['baseline_unigram_bpc']:.2f})")
+    ax.axhline(b["baseline_bigram_bpc"], color="black", ls="--", label=f"char bigram KN ({b['baseline_bigram_bpc']:.2f})")
+    ax.set_xlabel(f"seconds of training ({results[0].get('threads', 2)} threads; evaluation not counted)")
+    ax.set_ylabel("held-out bits per character")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def main(quick: bool = False, budget_s: float = 0, only: str | tuple = "", out: str = "model_save/bench_recipe",
+         threads: int = 2, max_eval_samples: int = 0, probe_steps: int = 8, png: str = "") -> None:
+    budget_s = budget_s or (30 if quick else 90)
+    max_eval = max_eval_samples or (128 if quick else 512)
+    names = [n for n in (only.split(",") if isinstance(only, str) else only) if n] or \
+        (list(QUICK) if quick else list(CONFIGS))
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
+    out_p = (ROOT / out) if not Path(out).is_absolute() else Path(out)
+    data, toks = _prepare(out_p)
+    results = []
+    for name in names:
+        probe = _train(name + ".probe", CONFIGS[name], data, toks, out_p, probe_steps, 0, 0, threads, valid=False)
+        s_per_step = probe["runtime_s"] / probe_steps
+        steps = max(4, int(budget_s / s_per_step))
+        t = time.perf_counter()
+        r = _train(name, CONFIGS[name], data, toks, out_p, steps, max(1, steps // 4), max_eval, threads, valid=True)
+        row = {"run": name, "bpc": round(r["eval_bpc"], 4), "eval_loss": round(r["eval_loss"], 4),
+               "params": r["params"], "steps": steps, "train_tokens": r["train_tokens"],
+               "s_per_step": round(s_per_step, 4), "pad_share": r["pad_share"],
+               "tokens_per_s": round(r["train_tokens"] / (steps * s_per_step)),  # evaluation time left out
+               "wall_s": round(time.perf_counter() - t, 1), "baseline_unigram_bpc": r["baseline_unigram_bpc"],
+               "baseline_bigram_bpc": r["baseline_bigram_bpc"]}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    (out_p / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results), encoding="utf-8")
+    _plot(results, out_p, Path(png) if png else out_p / "recipe.png", budget_s)
+    print(f"\n{'run':22s} {'params':>10s} {'steps':>6s} {'tokens':>10s} {'tok/s':>7s} {'pad':>5s} {'bpc':>7s}")
+    for r in results:
+        print(f"{r['run']:22s} {r['params']:>10,d} {r['steps']:>6d} {r['train_tokens']:>10,d} {r['tokens_per_s']:>7,d} "
+              f"{r['pad_share']:>5.2f} {r['bpc']:>7.3f}")
+    best = min(results, key=lambda r: r["bpc"])
+    b = results[0]
+    print(f"char unigram {b['baseline_unigram_bpc']:.3f} bpc, char bigram (KN) {b['baseline_bigram_bpc']:.3f} bpc")
+    summary = {"bench": "recipe", "ratio": round(b["baseline_bigram_bpc"] / best["bpc"], 4), "best": best["run"],
+               "bpc": {r["run"]: r["bpc"] for r in results}, "budget_s": budget_s, "threads": threads,
+               "baseline_unigram_bpc": round(b["baseline_unigram_bpc"], 4),
+               "baseline_bigram_bpc": round(b["baseline_bigram_bpc"], 4), "data": str(SHARED_DATA)}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
