@@ -114,6 +114,36 @@ def _plot(results: list[dict], out: Path, png: Path, budget_s: float) -> None:
     plt.close(fig)
 
 
+def power_law_fit(xs, ys) -> dict:
+    """Least-squares fit of ``y = a + b * x**-c`` (grid over c, linear least squares for a, b)."""
+    import numpy as np
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    best = None
+    for c in np.linspace(0.05, 1.5, 291):
+        A = np.stack([np.ones_like(x), x ** -c], axis=1)
+        coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+        err = float(((A @ coef - y) ** 2).sum())
+        if best is None or err < best["sse"]:
+            best = {"a": float(coef[0]), "b": float(coef[1]), "c": float(c), "sse": err}
+    return best
+
+
+def extrapolate(metrics: str, target_bpc: float, tokens_per_step: float = 0.0) -> dict:
+    """Fit held-out bpc against steps from a run's metrics.jsonl and say where it would reach ``target_bpc``."""
+    from utils.logging_utils import read_jsonl
+    rows = [r for r in read_jsonl(metrics) if "eval_bpc" in r and r.get("step")]
+    fit = power_law_fit([r["step"] for r in rows], [r["eval_bpc"] for r in rows])
+    out = dict(fit, points=len(rows), last_step=rows[-1]["step"], last_bpc=rows[-1]["eval_bpc"],
+               floor_bpc=round(fit["a"], 3))
+    if fit["a"] < target_bpc and fit["b"] > 0:
+        steps = ((target_bpc - fit["a"]) / fit["b"]) ** (-1 / fit["c"])
+        out["steps_to_target"] = int(steps)
+        out["budget_multiple"] = round(steps / rows[-1]["step"], 1)
+        if tokens_per_step:
+            out["tokens_to_target"] = int(steps * tokens_per_step)
+    return out
+
+
 def main(quick: bool = False, budget_s: float = 0, only: str | tuple = "", out: str = "model_save/bench_recipe",
          threads: int = 2, max_eval_samples: int = 0, probe_steps: int = 8, png: str = "") -> None:
     budget_s = budget_s or (30 if quick else 90)
@@ -157,4 +187,4 @@ def main(quick: bool = False, budget_s: float = 0, only: str | tuple = "", out: 
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire({"run": main, "extrapolate": extrapolate} if sys.argv[1:2] == ["extrapolate"] else main)

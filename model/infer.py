@@ -1,13 +1,14 @@
 """Inference: ``ChatBot`` (batch chat, streaming chat, multi-turn prompts) and the terminal chat loop.
 
 Every answer goes through ``TextToTextModel.my_generate`` (``engine="torch"``) or, optionally, through a
-CTranslate2 int8 copy of the same folder (``engine="ct2"``). Streaming uses one ``TokenStreamer`` per request
-(the reference shared one streamer across API requests); a streamer whose ``cancel`` event is set raises
-``GenerationCancelled`` from inside ``generate``, which is how a disconnected client stops its generation.
+CTranslate2 int8 copy of the same folder (``engine="ct2"``). Streaming uses one ``TokenStreamer`` per request; a
+streamer whose ``cancel`` event is set raises ``GenerationCancelled`` from inside ``generate``, which is how a
+disconnected client stops its generation. Decoding defaults come from the folder's ``generation_config.json``.
 
-Multi-turn prompt format (encoder input): ``q1[SEP]a1[SEP]q2[SEP]a2[SEP]q`` + ``[EOS]``; a system message, when
-given, is the first segment. History is fitted into ``history_tokens`` newest-first, so the oldest turns are
-dropped first; the system message and the current query are always kept.
+Multi-turn prompt (encoder input): with history or a system message, one line per turn, ``系统：...``,
+``用户：...``, ``助手：...``, the query last as ``用户：...``; a lone query is sent as it is; then ``[EOS]``. History
+is fitted into ``history_tokens`` newest-first, so the oldest turns are dropped first; the system message and
+the current query are always kept.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from config import TRAIN_PRESETS, TrainConfig, asdict, make_config
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 FREEZE_MODES = ("none", "decoder_only")
-OPTIMIZERS = ("adamw", "adafactor")
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "constant")
 
 
@@ -99,6 +99,8 @@ def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
         # external LR: relative_step=False so the scheduler's LR is the one used (the reference's LR had none)
         return Adafactor(groups, lr=cfg.learning_rate, relative_step=False, scale_parameter=False,
                          warmup_init=False)
+    if cfg.optimizer == "sgd":  # plain SGD: an update is lr x gradient (tests compare gradients through it)
+        return torch.optim.SGD(groups, lr=cfg.learning_rate)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 

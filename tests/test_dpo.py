@@ -359,3 +359,13 @@ def test_dpo_on_gpu_with_mixed_precision(sft_dir, demo_data, tmp_path, use_lora)
     assert res["eval_after"]["rewards/margins"] > 0.3
     folder = tmp_path / "gpu" / ("merged" if use_lora else "")
     assert AutoModelForSeq2SeqLM.from_pretrained(str(folder)).config.model_type == "t5"
+
+
+def test_a_small_preference_set_still_holds_out_one_prompt():
+    from utils.dpo_data_process import split_by_prompt
+    rows = [{"prompt": f"问题{i}", "chosen": "好", "rejected": "坏"} for i in range(4)]
+    train, valid = split_by_prompt(rows, 0.1, seed=1)
+    assert len(valid) >= 1 and len(train) + len(valid) == 4
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in valid}
+    assert split_by_prompt(rows[:1], 0.1, seed=1) == (rows[:1], [])  # one prompt: nothing to hold out
+    assert split_by_prompt(rows, 0.0, seed=1) == (rows, [])

@@ -76,3 +76,22 @@ def test_degenerate_answers_and_distinct_2():
     assert not is_degenerate([1, 2, 3, 4]) and is_degenerate([1, 2, 3]) and top_token_share([]) == 0.0  # 1/3 > 0.3
     assert distinct_n([[1, 2, 3], [1, 2, 4]], 2) == 3 / 4  # (1,2) twice, (2,3), (2,4)
     assert distinct_n([[1, 1, 1, 1]], 2) == 1 / 3 and distinct_n([[1]], 2) == 0.0
+
+
+def test_power_law_fit_recovers_a_known_curve_and_extrapolates():
+    """bench_recipe's extrapolation: y = 7 + 3 x^-0.5 sampled exactly is recovered (c is on the fit's 0.005 grid)."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_recipe import extrapolate, power_law_fit
+    xs = np.array([100, 200, 400, 800, 1600], dtype=float)
+    fit = power_law_fit(xs, 7 + 3 * xs ** -0.5)
+    assert fit["c"] == pytest.approx(0.5, abs=1e-9) and fit["a"] == pytest.approx(7, abs=1e-9)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        m = Path(d) / "metrics.jsonl"
+        m.write_text("".join(json.dumps({"step": int(x), "eval_bpc": 7 + 3 * x ** -0.5}) + "\n" for x in xs))
+        out = extrapolate(str(m), target_bpc=7.03)  # 3 x^-0.5 = 0.03 at x = 10,000
+        assert out["steps_to_target"] == pytest.approx(10_000, rel=1e-6)
+        assert "steps_to_target" not in extrapolate(str(m), target_bpc=6.9)  # below the fitted floor: never

@@ -145,13 +145,20 @@ def _token_lengths(tokenizer, texts: list[str]) -> list[int]:
 
 
 def split_by_prompt(rows: list[dict], valid_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic train/valid split on a hash of the prompt, so one prompt never lands on both sides."""
+    """Deterministic train/valid split on a hash of the prompt, so one prompt never lands on both sides.
+
+    A small set whose hashes all fall above ``valid_ratio`` still holds out its lowest-hash prompt (when it has
+    two prompts or more), so asking for held-out pairs always gives some.
+    """
     if valid_ratio <= 0:
         return rows, []
+    hashes = [int(hashlib.md5(f"{seed}:{r['prompt']}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for r in rows]
+    cut = valid_ratio
+    if len({r["prompt"] for r in rows}) >= 2 and not any(h < cut for h in hashes):
+        cut = min(hashes) + 1e-12
     train, valid = [], []
-    for r in rows:
-        h = int(hashlib.md5(f"{seed}:{r['prompt']}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (valid if h < valid_ratio else train).append(r)
+    for r, h in zip(rows, hashes):
+        (valid if h < cut else train).append(r)
     return train, valid
 
 

@@ -1,7 +1,7 @@
 """Text cleaning that does not corrupt.
 
 Every function here takes a ``str`` and returns a ``str``; :func:`clean_text` chains them according to a
-:class:`CleanOptions`.  What each step keeps and what it changes (see the README's data section):
+:class:`CleanOptions`.  What each step keeps and what it changes (see docs/data.md):
 
 * Unicode: NFC (canonical, never lossy) + folding of full-width *letters and digits* to ASCII, exotic spaces to
   a plain space, zero-width characters and U+FFFD (the mark of earlier decoding damage) removed.  NFKC is NOT used: it would turn the full-width Chinese
