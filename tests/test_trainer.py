@@ -184,8 +184,8 @@ def test_clear_errors(tok_dir, demo_data, tmp_path):
     pd.DataFrame({"question": ["a"], "response": ["b"]}).to_parquet(bad)
     with pytest.raises(ValueError, match=r"bad\.parquet: missing column 'prompt'"):
         train(make_config(TrainConfig, **base_kw(tok_dir, demo_data, tmp_path / "x", train_file=str(bad))))
-    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
-        train(make_config(TrainConfig, **base_kw(tok_dir, demo_data, tmp_path / "y", optimizer="sgd")))
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
+        train(make_config(TrainConfig, **base_kw(tok_dir, demo_data, tmp_path / "y", optimizer="lion")))
 
 
 def test_metrics_logging_and_plot(tmp_path):
