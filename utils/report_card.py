@@ -137,8 +137,7 @@ def curves_section(root: Path, plots: Path) -> str:
 
 def quality_section(root: Path, plots: Path) -> str:
     """Held-out bits per character of each trained stage against the character baselines (model/quality.py)."""
-    rows, curves = [], {}
-    base = {}
+    rows, curves, bases = [], {}, {}
     for stage in ("pretrain", "sft"):
         m = root / stage / "metrics.jsonl"
         if not m.is_file():
@@ -146,10 +145,9 @@ def quality_section(root: Path, plots: Path) -> str:
         recs = read_jsonl(m)
         evals = [(r["step"], r["eval_bpc"]) for r in recs if "eval_bpc" in r]
         b = next((r for r in recs if "baseline_bigram_bpc" in r), {})
-        base = base or b
         if not evals:
             continue
-        curves[stage] = evals
+        curves[stage], bases[stage] = evals, b
         final = evals[-1][1]
         bigram = b.get("baseline_bigram_bpc")
         rows.append([stage, _fmt(evals[0][1]), _fmt(final), _fmt(min(v for _, v in evals)),
@@ -163,6 +161,7 @@ def quality_section(root: Path, plots: Path) -> str:
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
     for ax, (stage, pts) in zip(axes.flat, curves.items()):
         ax.plot(*zip(*pts), marker=".", label="model")
+        base = bases[stage]  # each stage's baselines are counted on its own training text
         for k, style in (("baseline_unigram_bpc", ":"), ("baseline_bigram_bpc", "--")):
             if isinstance(base.get(k), float):
                 ax.axhline(base[k], color="black", ls=style, label=k.replace("baseline_", "char ").replace("_bpc", ""))
