@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(seeds: str | tuple = "1,2,3", root: str = "model_save/demo_seeds", quick: bool = False) -> None:
+    if isinstance(seeds, int):  # fire reads "--seeds=4" as a number
+        seeds = (seeds,)
     seeds = [int(s) for s in (seeds.split(",") if isinstance(seeds, str) else seeds)]
     if quick:
         seeds = seeds[:1]
