@@ -54,7 +54,7 @@ class CharNgramBaselines:
         chars = allc[allc != START]  # every predicted symbol: characters and END
         self.alphabet, self.uni_counts = np.unique(chars, return_counts=True)
         self.total = int(self.uni_counts.sum())
-        self.vocab = len(self.alphabet) + (0 if UNSEEN in self.alphabet else 1)
+        self.vocab = len(self.alphabet) + 1  # plus the one symbol every unseen character shares
         prev, nxt = allc[:-1], allc[1:]
         keep = nxt != START  # no pair across texts
         pairs, counts = np.unique(prev[keep] * _BASE + nxt[keep], return_counts=True)
@@ -78,8 +78,9 @@ class CharNgramBaselines:
 
     def nll_bits(self, texts: Sequence[str]) -> dict:
         """Summed bits of each model over ``texts`` (characters plus the end symbol) and the character count."""
-        ctx = np.concatenate([self._targets(t)[0] for t in texts]) if texts else np.zeros(0, np.int64)
-        sym = np.concatenate([self._targets(t)[1] for t in texts]) if texts else np.zeros(0, np.int64)
+        pairs = [self._targets(t) for t in texts]
+        ctx = np.concatenate([c for c, _ in pairs]) if pairs else np.zeros(0, np.int64)
+        sym = np.concatenate([s for _, s in pairs]) if pairs else np.zeros(0, np.int64)
         uni = (_lookup(self.alphabet, self.uni_counts, sym) + 1.0) / (self.total + self.vocab)
         lower = (_lookup(self.cont, self.cont_counts, sym) + 1.0) / (self.cont_total + self.vocab)
         c_vw = _lookup(self.pairs, self.pair_counts, ctx * _BASE + sym).astype(np.float64)
