@@ -94,7 +94,7 @@ def _plot(results: list[dict], out: Path, png: Path, budget_s: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from utils.logging_utils import read_jsonl
+    from model.logging_utils import read_jsonl
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in results:
         rows = read_jsonl(out / r["run"] / "metrics.jsonl")  # x: training seconds, eval time left out
@@ -130,7 +130,7 @@ def power_law_fit(xs, ys) -> dict:
 
 def extrapolate(metrics: str, target_bpc: float, tokens_per_step: float = 0.0) -> dict:
     """Fit held-out bpc against steps from a run's metrics.jsonl and say where it would reach ``target_bpc``."""
-    from utils.logging_utils import read_jsonl
+    from model.logging_utils import read_jsonl
     rows = [r for r in read_jsonl(metrics) if "eval_bpc" in r and r.get("step")]
     fit = power_law_fit([r["step"] for r in rows], [r["eval_bpc"] for r in rows])
     out = dict(fit, points=len(rows), last_step=rows[-1]["step"], last_bpc=rows[-1]["eval_bpc"],

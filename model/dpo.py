@@ -647,7 +647,7 @@ def _train_dpo(cfg: DPOConfig) -> dict[str, Any]:
         return _RefScorer(ds, frozen=frozen, peft_model=unwrapped_policy() if cfg.use_lora else None,
                           accelerator=accelerator)
 
-    from utils.logging_utils import MetricsLogger
+    from model.logging_utils import MetricsLogger
     # a fresh run starts the file afresh; a resumed one drops what a killed run logged after its checkpoint
     log = MetricsLogger(out_dir / "metrics.jsonl", resume_step=step if resume is not None else None,
                         overwrite=resume is None, enabled=main)
@@ -746,7 +746,7 @@ def _prefixed(m: dict) -> dict:
 def _plot(out_dir: Path) -> None:
     """Reward/margin/accuracy curves next to the metrics (skipped quietly if matplotlib is unusable)."""
     try:
-        from utils.plots import plot_curves
+        from model.plots import plot_curves
         plot_curves(out_dir / "metrics.jsonl", out_dir / "dpo_curves.png",
                     keys=["loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
                           "eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"],

@@ -407,7 +407,7 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        from utils.logging_utils import MetricsLogger
+        from model.logging_utils import MetricsLogger
 
         cfg, acc = self.cfg, self.accelerator
         resumed = self.resume() if cfg.is_keep_training else None
@@ -525,7 +525,7 @@ class Trainer:
             if self.is_main:
                 (self.out / "train_result.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
                 try:
-                    from utils.plots import plot_curves
+                    from model.plots import plot_curves
                     plot_curves(metrics_path, self.out / "loss_curve.png",
                                 keys=["loss", "eval_loss", "eval_bpc", "lr", "bleu"])
                 except Exception as e:  # a plot must never fail a finished run

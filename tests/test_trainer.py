@@ -190,8 +190,8 @@ def test_clear_errors(tok_dir, demo_data, tmp_path):
 
 def test_metrics_logging_and_plot(tmp_path):
     from model.metrics import char_bleu, perplexity
-    from utils.logging_utils import MetricsLogger, read_jsonl
-    from utils.plots import plot_curves
+    from model.logging_utils import MetricsLogger, read_jsonl
+    from model.plots import plot_curves
     assert char_bleu(["今天天气很好"], ["今天天气很好"]) == pytest.approx(100.0)
     full = char_bleu(["今天天气很好，我们去公园散步吧"], ["今天天气很好，我们去公园散步吧"])
     short = char_bleu(["今天天气很好"], ["今天天气很好，我们去公园散步吧"])

@@ -14,8 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-from utils.logging_utils import read_jsonl
-from utils.plots import plot_curves
+from model.logging_utils import read_jsonl
+from model.plots import plot_curves
 
 VERSIONS = ("torch", "transformers", "accelerate", "tokenizers", "peft", "datasets", "pyarrow")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from utils.logging_utils import read_jsonl
+from model.logging_utils import read_jsonl
 
 SKIP_KEYS = {"step", "time", "epoch"}
 
