@@ -172,7 +172,7 @@ class DPOConfig:
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer update
     learning_rate: float = 5e-5  # peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    lr_scheduler: str = "cosine"  # any transformers scheduler name: cosine | linear | constant_with_warmup
+    lr_scheduler: str = "cosine"  # cosine | linear | constant | onecycle (each after warmup)
     warmup_steps: float = 0.1  # a fraction of total steps when < 1
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | fp16 | bf16
@@ -186,7 +186,9 @@ class DPOConfig:
     seed: int = 23333  # seed of weights, data order and dropout
     is_keep_training: bool = False  # continue exactly from the newest checkpoint in output_dir
     num_threads: int = 0  # CPU threads for torch (0: leave torch's default)
+    log_with: str = "tensorboard"  # tensorboard | none
     show_progress: bool = True  # rich progress bar
+    debug_signal: Optional[str] = None  # tests: "STEP:SIGNAME" sends that signal to this process after STEP
 
 
 @dataclass

@@ -20,6 +20,7 @@ from config import EOS_ID, PAD_ID
 from model.chat_model_config import default_generation_config, t5_config
 
 SEARCH_TYPES = ("greedy", "beam", "sampling", "contrastive")
+IGNORE_INDEX = -100  # label positions that are not scored (padding)
 
 
 class TextToTextModel(T5ForConditionalGeneration):
@@ -30,6 +31,41 @@ class TextToTextModel(T5ForConditionalGeneration):
         model = cls(t5_config(preset, vocab_size=vocab_size, **overrides))
         model.generation_config = default_generation_config()
         return model
+
+    # -------------------------------------------------------------------------------------------- maths
+    def target_loss(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy of the target tokens and their count (so accumulation can weight by tokens).
+
+        Same computation as ``forward(labels=...)``, except that the LM head and the softmax run only on the
+        positions that count (padding costs nothing there) and the decoder builds no KV cache.
+        """
+        enc = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        h = self.decoder(input_ids=self._shift_right(labels), encoder_hidden_states=enc,
+                         encoder_attention_mask=attention_mask, use_cache=False, return_dict=True).last_hidden_state
+        if getattr(self.config, "scale_decoder_outputs", self.config.tie_word_embeddings):
+            h = h * (self.model_dim ** -0.5)
+        keep = labels != IGNORE_INDEX
+        logits = self.lm_head(h[keep])
+        return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), keep.sum()
+
+    def pair_logps(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities (sums over target tokens) and token counts of ``2B`` responses given ``B`` prompts.
+
+        ``labels`` holds the chosen responses in its first B rows and the rejected ones in the last B: the
+        encoder runs once on the prompts and its output serves both halves (what DPO needs).
+        """
+        bsz = input_ids.shape[0]
+        if labels.shape[0] != 2 * bsz:
+            raise ValueError(f"labels must have 2 x batch rows (chosen then rejected), got {labels.shape[0]} "
+                             f"for a batch of {bsz}")
+        enc = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        out = self(encoder_outputs=(enc.last_hidden_state.repeat(2, 1, 1),), attention_mask=attention_mask.repeat(2, 1),
+                   decoder_input_ids=self._shift_right(labels), use_cache=False, return_dict=True)
+        return sequence_logps(out.logits, labels)
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Trainable parameters in two groups: matrices decay, vectors (layer norms) do not."""
+        return optimizer_groups(self, weight_decay)
 
     # ------------------------------------------------------------------------------------------ saving
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -153,6 +189,22 @@ class TextToTextModel(T5ForConditionalGeneration):
         if streamer is not None:
             streamer.end()
         return dec
+
+
+def optimizer_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (any module: the rule is the same)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(label) over the scored positions of each row, and their count (in fp32)."""
+    mask = labels != IGNORE_INDEX
+    logits = logits.float()
+    tok = torch.gather(logits, 2, labels.masked_fill(~mask, 0).unsqueeze(2)).squeeze(2) - torch.logsumexp(logits, -1)
+    return (tok * mask).sum(-1), mask.sum(-1)
 
 
 def _copy_cache(cache):

@@ -50,5 +50,5 @@ def test_two_processes_shard_data_and_keep_equal_weights(tiny_tokenizer, demo_da
         a, b = set(keys[0][start:start + e]), set(keys[1][start:start + e])
         assert not a & b, "two ranks trained on the same sample in one epoch"
     ckpt = out / "checkpoints" / "step-8"
-    assert (ckpt / "data_state_rank0.pkl").is_file() and (ckpt / "data_state_rank1.pkl").is_file()
+    assert (ckpt / "rank_state0.pkl").is_file() and (ckpt / "rank_state1.pkl").is_file()
     assert (out / "model.safetensors").is_file()

@@ -170,7 +170,7 @@ def test_gpu_profile_dry_run_runs_every_stage_through_accelerate_with_two_proces
     assert f"{procs} process(es)" in pre_log
     for stage in ("pretrain", "sft"):
         ckpts = sorted((dry / stage / "checkpoints").glob("step-*"))
-        assert ckpts and all((c / f"data_state_rank{r}.pkl").is_file() for c in ckpts for r in range(procs))
+        assert ckpts and all((c / f"rank_state{r}.pkl").is_file() for c in ckpts for r in range(procs))
     report = (dry / "report.md").read_text(encoding="utf-8")
     assert "held-out bits per character" in report
     shutil.rmtree(dry, ignore_errors=True)
