@@ -6,19 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from model.infer import ChatBot, fit_toy_model
+from cli_demo import chat_loop
+from model.infer import ChatBot
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def toy_model_dir(tmp_path_factory, demo_data, tiny_tokenizer):
-    df = pd.read_parquet(demo_data["sft"])
-    return fit_toy_model(tmp_path_factory.getbasetemp() / "toy_chat", list(zip(df.prompt, df.response)),
-                         tiny_tokenizer, steps=100, reuse=True)
 
 
 def test_cli_session(toy_model_dir):
@@ -92,3 +85,27 @@ def test_flag_values_are_checked_against_the_field_types(tmp_path):
     assert (cfg.learning_rate, cfg.max_steps) == (0.002, 7)
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         make_config(TrainConfig, config=str(tmp_path / "nope.yaml"))
+
+
+def test_chat_loop_multi_turn_exit_and_cls(toy_model_dir):
+    bot = ChatBot(model_dir=str(toy_model_dir), max_new_tokens=32)
+    from rich.console import Console
+    seen = []
+
+    class Spy:
+        cfg, engine, model_name = bot.cfg, "torch", "spy"
+
+        def stream_chat(self, q, history):
+            seen.append((q, list(history)))
+            yield from bot.stream_chat(q, history)
+
+    console = Console(record=True, width=200)
+    n = chat_loop(Spy(), console, lines=["你好", "3加5等于多少？", "cls", "你是谁？", "exit", "never read"])
+    out = console.export_text()
+    assert n == 3
+    a1 = bot.chat("你好")
+    assert seen[0] == ("你好", [])
+    assert seen[1] == ("3加5等于多少？", [("你好", a1)])  # multi-turn: the first answer is in the history
+    assert seen[2] == ("你是谁？", [])  # cls cleared the history
+    assert "ChatBot: " + a1 in out and "history cleared" in out and "bye" in out
+    assert "never read" not in out

@@ -37,10 +37,6 @@ def canonical(s: str) -> str:
     return s.strip(_QUOTES).lower()
 
 
-def canonical_triple(t: Sequence[str]) -> Triple:
-    return tuple(canonical(x) for x in t)  # type: ignore[return-value]
-
-
 def _parts(body: str) -> list[str]:
     parts = [canonical(p) for p in re.split(f"[{_SEPS}]", body)]
     while parts and not parts[-1]:

@@ -38,6 +38,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from model.progress import progress_bar
+
 FEED_SEP = "\x00"  # joins a batch of texts for the counting regex; removed from the input texts
 MAX_TEXT_CHARS = 1 << 16  # longer texts are counted in windows, so one huge line cannot blow up memory
 READ_BLOCK = 1 << 22  # bytes read at a time from text files
@@ -577,10 +579,11 @@ def count_files(inputs, splitter: PieceSplitter, *, columns: Optional[Sequence[s
     parts = plan_units(files, num_proc)
     total = sum(u.size for p in parts for u in p)
     table = PieceCounts(max_pieces, seed=seed)
-    progress = _progress(show_progress, total, f"counting pieces ({len(files)} files, {len(parts)} processes)")
+    progress = progress_bar(bytes_done=True, disable=not show_progress)
+    label = f"counting pieces ({len(files)} files, {len(parts)} processes)"
     if len(parts) == 1:  # no process to start
         with progress as bar:
-            task = bar.add_task("count", total=total)
+            task = bar.add_task(label, total=total)
             for u in parts[0]:
                 count_texts(iter_unit_texts(u, columns, table.stats, lambda n: bar.advance(task, n)),
                             splitter, table)
@@ -595,7 +598,7 @@ def count_files(inputs, splitter: PieceSplitter, *, columns: Optional[Sequence[s
         p.start()
     try:
         with progress as bar:
-            task = bar.add_task("count", total=total)
+            task = bar.add_task(label, total=total)
             done = 0
             while done < len(procs):
                 try:
@@ -620,28 +623,6 @@ def count_files(inputs, splitter: PieceSplitter, *, columns: Optional[Sequence[s
             if p.is_alive():
                 p.terminate()
     return table
-
-
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def advance(self, *a, **k):
-        pass
-
-
-def _progress(show: bool, total: int, label: str):
-    if not show:
-        return _NoProgress()
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn())
 
 
 # ------------------------------------------------------------------------------------------ feeding
