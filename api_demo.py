@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import sys
 
-import fire
-
-from config import InferConfig, make_config
+from config import InferConfig, make_config, run_cli
 
 
 def main(**overrides) -> None:
@@ -26,4 +24,4 @@ def main(**overrides) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

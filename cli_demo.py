@@ -10,11 +10,10 @@ from __future__ import annotations
 import sys
 from typing import Callable, Iterable, Optional
 
-import fire
 from rich.console import Console
 from rich.text import Text
 
-from config import InferConfig, make_config
+from config import InferConfig, make_config, run_cli
 
 
 def chat_loop(bot, console: Optional[Console] = None, read: Optional[Callable[[str], str]] = None,
@@ -94,4 +93,4 @@ def main(**overrides) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

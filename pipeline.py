@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import fire
 from rich.console import Console
 
-from config import PIPELINE_PROFILES, TRAIN_PRESETS, InferConfig, PipelineConfig, dry_run_profile, make_config
+from config import (PIPELINE_PROFILES, TRAIN_PRESETS, InferConfig, PipelineConfig, dry_run_profile, make_config,
+                    run_cli)
 from eval.report_card import write_report_card
 from model.quality import distinct_n, is_degenerate, top_token_share
 
@@ -266,7 +266,7 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
     pre_flags = dict(dict(train_file=train_files, valid_file=data_dir / "my_valid_dataset.parquet"),
                      **cfg.pretrain, **seed)
     stages.append(Stage(
-        "pretrain", [_launcher(cfg) + ["train.py", "train", f"--stage={cfg.pretrain_stage}",
+        "pretrain", [_launcher(cfg) + ["train.py", f"--stage={cfg.pretrain_stage}",
                                        f"--tokenizer_dir={tok_dir}", f"--output_dir={pre_dir}"] + _flags(pre_flags)],
         [str(pre_dir / "model.safetensors")], "T5 pretraining", resume_args=["--is_keep_training=True"],
         after=lambda: trainer_figures(pre_dir), out_dir=str(pre_dir)))
@@ -276,7 +276,7 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
     sft_init = ([f"--init_from={pre_dir}"] if cfg.sft_from_pretrain
                 else ["--is_finetune=False", "--init_from=None", f"--preset={_preset(cfg)}"])
     stages.append(Stage(
-        "sft", [_launcher(cfg) + ["train.py", "train", f"--stage={cfg.sft_stage}", f"--tokenizer_dir={tok_dir}",
+        "sft", [_launcher(cfg) + ["train.py", f"--stage={cfg.sft_stage}", f"--tokenizer_dir={tok_dir}",
                                   f"--output_dir={sft_dir}"] + sft_init + _flags(sft_flags)],
         [str(sft_dir / "model.safetensors")], "instruction fine-tuning", resume_args=["--is_keep_training=True"],
         after=lambda: trainer_figures(sft_dir), out_dir=str(sft_dir)))
@@ -290,7 +290,7 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
                               f"--valid_ratio={cfg.dpo_valid_ratio}"] + _flags(lens))
         dpo_files = [f"--train_file={split_dir / 'my_dpo_train.parquet'}",
                      f"--valid_file={split_dir / 'my_dpo_valid.parquet'}"]
-    dpo_cmds.append(_launcher(cfg) + ["dpo_train.py", "train", f"--sft_model_dir={sft_dir}"] + dpo_files
+    dpo_cmds.append(_launcher(cfg) + ["dpo_train.py", f"--sft_model_dir={sft_dir}"] + dpo_files
                     + [f"--output_dir={dpo_dir}"] + _flags(dict(cfg.dpo, **seed)))
     stages.append(Stage(
         "dpo", dpo_cmds,
@@ -412,4 +412,4 @@ def main(profile: str = "demo", force: str | tuple = (), only: str | tuple = (),
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -1,7 +1,7 @@
 """The project's fast tokenizer: build, train, save, load.
 
 One code path for every tokenizer the kit makes, from the 40 kB demo corpus to corpora of many GB. Contract
-(DESIGN.md): the 7 special tokens sit at ids 0..6 (``[PAD] [EOS] [SEP] [BOS] [CLS] [MASK] [UNK]``), the
+(docs/format.md): the 7 special tokens sit at ids 0..6 (``[PAD] [EOS] [SEP] [BOS] [CLS] [MASK] [UNK]``), the
 span-corruption sentinels ``<extra_id_0>`` ... ``<extra_id_{n-1}>`` are reserved right after them at ids 7 ..
 6+n (``num_sentinels``, default 100; ``<extra_id_0>`` marks the first masked span), and the post-processor
 appends ``[EOS]`` once to every encoded text, so callers never add it themselves. ``\n`` and ``\t`` are

@@ -2,7 +2,7 @@
 
 Why this exists: a BPE trainer keeps every distinct pre-tokenised "word" of its corpus, with a few dozen bytes
 per character of it. Chinese has no spaces, so a word is a whole clause, nearly every clause is distinct, and
-memory grows with the corpus (the reference project needed 48-60 GB of RAM for 2 GB of text). Here:
+memory grows with the corpus (tens of GB of RAM for a few GB of text). Here:
 
 1. pieces longer than ``chunk_chars`` characters (long CJK runs) are cut into chunks of that length before
    counting. Tokens are a few characters long, and a cut removes one character pair per chunk at a place that
@@ -11,7 +11,7 @@ memory grows with the corpus (the reference project needed 48-60 GB of RAM for 2
 2. the table of counts holds at most ``max_pieces`` entries. When it passes the cap it is thinned by
    threshold sampling: a piece whose weight is at least ``tau`` stays with its exact weight, a lighter piece
    stays with probability ``weight / tau`` and then weighs ``tau``. Every weight stays an unbiased estimate of
-   the true count, so pair statistics stay unbiased, and memory no longer depends on the corpus size.
+   the true count, so pair statistics stay unbiased, and memory does not depend on the corpus size.
    While the table stays under the cap the counts are exact;
 3. the inputs are cut into byte ranges (text and jsonl, at line starts) and row groups (parquet), worker
    processes count them, and the parent merges their tables with the same thinning.

@@ -31,7 +31,7 @@ DUIE = SHARED_DATA / "ie" / "duie"
 # Trainer settings for this task; any TrainConfig field given on the command line wins.
 IE_TRAIN_DEFAULTS = dict(
     epochs=3, batch_size_per_gpu=16, learning_rate=5e-4, lr_scheduler="cosine", warmup_steps=0.05,
-    max_source_len=192, max_target_len=128, save_steps=100_000, eval_steps=100_000, logging_steps=20,
+    max_source_len=192, max_target_len=128, save_steps=0, eval_steps=0, logging_steps=20,  # 0: off
     bleu_samples=0, log_with="none", num_threads=2, cpu=False,
 )
 
