@@ -20,7 +20,9 @@ worker processes for files, with long pieces cut into chunks and the count table
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -229,9 +231,7 @@ def train_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 292
 def _train_sentencepiece(counts: PieceCounts, kind: str, vocab_size: int, token_type: str, num_sentinels: int,
                          num_threads: int, character_coverage: float, seed: int) -> PreTrainedTokenizerFast:
     """Sentencepiece trained on the piece counts (its tsv input), converted to the project's fast format."""
-    import os
-
-    import sentencepiece as spm
+    import sentencepiece as spm  # optional engine: loaded only when asked for
 
     if kind not in SENTENCEPIECE_TYPES:
         raise ValueError(f"unknown sentencepiece model {kind!r}; expected one of {SENTENCEPIECE_TYPES}")
@@ -328,8 +328,6 @@ TOKENIZER_PRESETS = {
 
 def train_from_config(cfg: TokenizerTrainConfig) -> tuple[PreTrainedTokenizerFast, dict]:
     """Count, train, save; returns the tokenizer and the figures written to ``training_stats.json``."""
-    import time
-
     if not cfg.inputs:
         raise ValueError("no input: pass --inputs with text files, globs, folders, .jsonl or .parquet files")
     t0 = time.time()

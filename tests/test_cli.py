@@ -82,6 +82,9 @@ def test_one_subcommand_style_main_action_by_flags_others_by_name():
     assert "dpo_train.py merge" in dpo and "--beta " in dpo  # the other action is named in the help
     merge = _run("dpo_train.py", "merge", "--help")
     assert merge.returncode == 0 and "adapter_dir" in (merge.stdout + merge.stderr).lower()  # fire: on stderr
+    ie = _run("finetune_examples/info_extract/finetune.py", "--help")  # help only: no data processed, no training
+    assert ie.returncode == 0 and "finetune.py demo" in ie.stdout and "--time_budget_min" in ie.stdout
+    assert "--save_steps " in ie.stdout and "ie_data" not in ie.stdout + ie.stderr
     bad = _run("train.py", "--save_stepz=0")
     assert bad.returncode == 2 and "error: unknown option(s) for TrainConfig: save_stepz" in bad.stderr
     assert "Traceback" not in bad.stderr
