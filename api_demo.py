@@ -1,22 +1,21 @@
 """HTTP API: ``POST /api/chat`` (the reference's) and OpenAI-compatible ``/v1/chat/completions``.
 
     python api_demo.py --model_dir=model_save/sft [--port=8812] [--api_key=KEY] [--engine=ct2]
+    python api_demo.py --help                      # every InferConfig field with its type, default and meaning
 
 Any InferConfig field can be given (``--max_concurrency=4 --max_new_tokens=128``); the key may also come from
-the environment variable CHATLM_API_KEY (no key: no auth). The server lives in utils/api_server.py.
+the environment variable CHATLM_API_KEY (no key: no auth). The server lives in model/server.py.
 """
 from __future__ import annotations
 
 import sys
 
-import fire
-
-from config import InferConfig, make_config
+from config import InferConfig, make_config, run_cli
 
 
 def main(**overrides) -> None:
-    from utils.api_server import serve
     cfg = make_config(InferConfig, **overrides)
+    from model.server import serve  # torch and the model load here, after --help and flag checks
     try:
         serve(cfg)
     except FileNotFoundError as e:
@@ -25,4 +24,4 @@ def main(**overrides) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

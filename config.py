@@ -15,7 +15,7 @@ from typing import Any, Optional
 PROJECT_ROOT = Path(__file__).resolve().parent
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
-# Fixed special tokens (DESIGN.md contract): ids 0..6 in this order.
+# Fixed special tokens (docs/format.md): ids 0..6 in this order.
 SPECIAL_TOKENS = ["[PAD]", "[EOS]", "[SEP]", "[BOS]", "[CLS]", "[MASK]", "[UNK]"]
 PAD_ID, EOS_ID, SEP_ID, BOS_ID, CLS_ID, MASK_ID, UNK_ID = range(7)
 DEFAULT_NUM_SENTINELS = 100
@@ -256,6 +256,10 @@ def dry_run_profile(cfg: "PipelineConfig") -> dict:
 
 
 # ----------------------------------------------------------------------------------------- helpers
+class ConfigError(ValueError):
+    """A bad option on the command line or in a config file (unknown name, wrong type, unknown preset)."""
+
+
 def make_config(cls, preset: Optional[str] = None, presets: Optional[dict] = None, /, **overrides):
     """Build ``cls`` from a named preset, a ``config`` file of fields, then flags (each wins over the one before).
 
@@ -271,14 +275,14 @@ def make_config(cls, preset: Optional[str] = None, presets: Optional[dict] = Non
     if preset is not None:
         if presets is None or preset not in presets:
             known = ", ".join(sorted(presets or {}))
-            raise ValueError(f"unknown preset {preset!r} for {cls.__name__}; known presets: {known}")
+            raise ConfigError(f"unknown preset {preset!r} for {cls.__name__}; known presets: {known}")
         values.update(presets[preset])
     if "config" in overrides and "config" not in names:
         values.update(_read_config_file(overrides.pop("config")))
     values.update(overrides)
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; "
+        raise ConfigError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; "
                          f"valid options: {', '.join(sorted(names))} (--help lists them with their meaning)")
     hints = typing.get_type_hints(cls)
     return cls(**{k: _check_type(cls.__name__, k, v, hints[k]) for k, v in values.items()})
@@ -291,7 +295,7 @@ def _read_config_file(path) -> dict:
     import yaml
     data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"--config {p}: expected a mapping of field: value, got {type(data).__name__}")
+        raise ConfigError(f"--config {p}: expected a mapping of field: value, got {type(data).__name__}")
     return data
 
 
@@ -303,9 +307,9 @@ def _check_type(owner: str, name: str, value: Any, hint) -> Any:
     if value is None:
         if optional or hint is Any:
             return None
-        raise ValueError(f"{owner}.{name} cannot be None (expected {getattr(base, '__name__', base)})")
+        raise ConfigError(f"{owner}.{name} cannot be None (expected {getattr(base, '__name__', base)})")
     origin = typing.get_origin(base) or base
-    bad = ValueError(f"{owner}.{name} expects {getattr(origin, '__name__', origin)}, got {value!r} "
+    bad = ConfigError(f"{owner}.{name} expects {getattr(origin, '__name__', origin)}, got {value!r} "
                      f"({type(value).__name__})")
     if base is Any or origin is typing.Union:
         return value
@@ -368,6 +372,30 @@ def config_help(cls, presets: Optional[dict] = None) -> str:
     if presets:
         lines += ["", f"Presets: {', '.join(presets)}"]
     return "\n".join(lines)
+
+
+def run_cli(main, default: str = "", **commands) -> None:
+    """The command line of every top-level script: flags run ``main`` (``python train.py --max_steps=10``); a
+    first word naming one of ``commands`` runs that one instead (``python dpo_train.py merge ...``). The word
+    ``default`` before the flags is accepted too (``python train.py train ...``, the older spelling)."""
+    import sys
+
+    import fire
+    args = sys.argv[1:]
+    if args and args[0] in commands:
+        fire.Fire(commands[args[0]], args[1:], name=args[0])
+        return
+    if default and args and args[0] == default:
+        args = args[1:]
+    if commands and ("--help" in args or "-h" in args):
+        for name, fn in commands.items():
+            print(f"{Path(sys.argv[0]).name} {name} ...: {(fn.__doc__ or '').strip().splitlines()[0]}")
+        print()
+    try:
+        fire.Fire(main, args, name=Path(sys.argv[0]).name)
+    except ConfigError as e:  # a user's typo: the message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def model_config(preset: str = "small", **overrides) -> ModelConfig:

@@ -1,26 +1,26 @@
 """Preference optimisation (DPO / IPO) of the SFT model, full or LoRA, and LoRA adapter merging.
 
-    python dpo_train.py train --sft_model_dir=model_save/sft --train_file=data/generated/dpo/my_dpo_train.parquet
-    python dpo_train.py train --use_lora=True --output_dir=model_save/dpo_lora     # adapter + merged folder
-    accelerate launch dpo_train.py train ...                                        # 1..N GPUs
+    python dpo_train.py --sft_model_dir=model_save/sft --train_file=data/generated/dpo/my_dpo_train.parquet
+    python dpo_train.py --use_lora=True --output_dir=model_save/dpo_lora     # adapter + merged folder
+    accelerate launch dpo_train.py ...                                        # 1..N GPUs
     python dpo_train.py merge --adapter_dir=model_save/dpo_lora --output_dir=model_save/dpo_merged
+    python dpo_train.py --help                                                # every DPOConfig field
 
 Every field of ``config.DPOConfig`` is a flag (``--beta=0.2 --loss_type=ipo``); the logic is in model/dpo.py.
+``python dpo_train.py train ...`` (the older spelling) still works.
 """
 from __future__ import annotations
 
 import json
 import os
 
-import fire
-
-from config import DPOConfig, make_config
+from config import DPOConfig, make_config, run_cli
 
 
 def train(**overrides):
     """Train with DPOConfig defaults overridden by the flags; prints the eval figures as JSON at the end."""
-    from model.dpo import train_dpo
     cfg = make_config(DPOConfig, **overrides)
+    from model.dpo import train_dpo  # torch loads after the flags are checked
     result = train_dpo(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("steps", "output_dir", "eval_before", "eval_after", "train_time_s")
@@ -35,4 +35,4 @@ def merge(adapter_dir: str, output_dir: str, base_model_dir: str | None = None):
 
 
 if __name__ == "__main__":
-    fire.Fire({"train": train, "merge": merge})
+    run_cli(train, default="train", merge=merge)

@@ -9,7 +9,12 @@
 
 Stages run as the same commands a user would type (printed as they run). Finished stages are skipped (and say
 so); a stopped run continues from the stage, and the trainers from the checkpoint, where it stopped. Any
-PipelineConfig field is a flag (``--root=model_save/try2``).
+PipelineConfig field is a flag (``--root=model_save/try2``; ``--help`` lists them).
+
+Each stage writes ``summary.json`` next to its output: the command lines, wall time and peak RSS (from
+``os.wait4`` on the stage's own processes, so each stage's memory is its own), and the figures it reports with
+the files they come from. A stage is complete when its summary and its outputs exist; the report card
+(``eval/report_card.py``) only gathers the summaries.
 """
 from __future__ import annotations
 
@@ -17,15 +22,192 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
-from config import PIPELINE_PROFILES, PipelineConfig, dry_run_profile, make_config
-from utils.pipeline_runner import Stage, console, run_stages
+from rich.console import Console
+
+from config import (PIPELINE_PROFILES, TRAIN_PRESETS, InferConfig, PipelineConfig, dry_run_profile, make_config,
+                    run_cli)
+from eval.report_card import write_report_card
+from model.quality import distinct_n, is_degenerate, top_token_share
 
 PY = [sys.executable]
+console = Console()
+SUMMARY = "summary.json"
 
 
+# ------------------------------------------------------------------------------------------- runner
+@dataclass
+class Stage:
+    name: str
+    commands: list[list[str]]
+    outputs: list[str]
+    description: str = ""
+    # extra arguments appended to the LAST command when a previous attempt left partial work behind
+    resume_args: list[str] = field(default_factory=list)
+    # run after the commands: in-process work (sample chats) or reading the figures the stage reports
+    after: Optional[Callable[[], dict]] = None
+    # the folder of the stage's output, where its summary.json goes (default: <state dir>/<name>)
+    out_dir: Optional[str] = None
+
+
+def summary_path(state_dir: Path, stage: Stage) -> Path:
+    return Path(stage.out_dir) / SUMMARY if stage.out_dir else Path(state_dir) / stage.name / SUMMARY
+
+
+def stage_complete(state_dir: Path, stage: Stage) -> bool:
+    return summary_path(state_dir, stage).is_file() and all(Path(o).exists() for o in stage.outputs)
+
+
+def run_command(cmd: list[str], log_file: Path, env: Optional[dict] = None) -> dict:
+    """Run one command, tee its output to a log, and return wall time, peak RSS and exit status."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log_file, "a", encoding="utf-8") as log:
+        log.write(f"\n$ {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                                bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"cmd": shlex.join(cmd), "returncode": proc.returncode, "wall_s": round(time.time() - start, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def run_stages(stages: list[Stage], state_dir: str | Path, force: tuple[str, ...] = (),
+               only: tuple[str, ...] = (), env: Optional[dict] = None) -> dict:
+    """Run the stages in order (logs in ``state_dir``); returns {stage: summary}. Raises on the first failing
+    command."""
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for stage in stages:
+        if only and stage.name not in only:
+            continue
+        summary = summary_path(state, stage)
+        if stage.name not in force and stage_complete(state, stage):
+            console.print(f"[bold green]✓ {stage.name}[/]: already complete ({summary}), skipped")
+            results[stage.name] = json.loads(summary.read_text(encoding="utf-8"))
+            continue
+        started = state / f"{stage.name}.started"
+        resuming = started.exists() and stage.name not in force
+        console.rule(f"[bold]{stage.name}[/] {stage.description}" + (" (resuming)" if resuming else ""))
+        started.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+        runs = []
+        for i, cmd in enumerate(stage.commands):
+            if resuming and i == len(stage.commands) - 1:
+                cmd = cmd + stage.resume_args
+            console.print(f"[cyan]$ {shlex.join(cmd)}[/]")
+            r = run_command(cmd, state / f"{stage.name}.log", env=env)
+            runs.append(r)
+            if r["returncode"] != 0:
+                raise RuntimeError(f"stage {stage.name!r} failed (exit {r['returncode']}) running: {r['cmd']}\n"
+                                   f"see {state / (stage.name + '.log')}; run the pipeline again to resume")
+        t_after = time.time()
+        figures = stage.after() if stage.after else None
+        t_after = time.time() - t_after
+        missing = [o for o in stage.outputs if not Path(o).exists()]
+        if missing:
+            raise RuntimeError(f"stage {stage.name!r} finished but did not write {', '.join(missing)}")
+        info = {"stage": stage.name, "description": stage.description, "commands": runs,
+                "wall_s": round(sum(r["wall_s"] for r in runs) + t_after, 2),
+                # in-process steps share the pipeline's own memory: no separate figure for them
+                "peak_rss_mb": max([r["peak_rss_mb"] for r in runs], default=None),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "figures": figures}
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps(info, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
+        started.unlink(missing_ok=True)
+        results[stage.name] = info
+        rss = f", peak RSS {info['peak_rss_mb']:.0f} MB" if info["peak_rss_mb"] is not None else ""
+        console.print(f"[green]{stage.name} done in {info['wall_s']:.1f} s{rss}[/]")
+    return results
+
+
+# ------------------------------------------------------------------------------------------- figures
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def data_figures(data_dir: Path) -> dict:
+    """Rows read, kept and dropped by reason, per source and in total (from report.json)."""
+    rep = _read_json(data_dir / "report.json")
+    return {k: rep.get(k) for k in ("sources", "totals", "outputs")}
+
+
+def tokenizer_figures(tok_dir: Path, valid_file: Path) -> dict:
+    """Vocabulary, counting figures, and characters per token on (up to 1,000 rows of) the validation split."""
+    import pandas as pd
+
+    from model.tokenizer import load_tokenizer
+    stats = _read_json(tok_dir / "training_stats.json")
+    tok = load_tokenizer(tok_dir)
+    out = {k: stats[k] for k in ("distinct_pieces", "texts", "chars", "count_seconds", "train_seconds") if k in stats}
+    out.update(vocab_size=len(tok), token_type=stats.get("token_type", tok.init_kwargs.get("token_type")),
+               chars_per_token=None)
+    if valid_file.is_file():
+        df = pd.read_parquet(valid_file).head(1000)
+        texts = [t for t in list(df["prompt"]) + list(df["response"]) if isinstance(t, str) and t]
+        n_tok = sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+        out["chars_per_token"] = sum(len(t) for t in texts) / max(1, n_tok)
+    return out
+
+
+def trainer_figures(out_dir: Path) -> dict:
+    """Last training loss, eval loss and held-out bpc with its character baselines, from metrics.jsonl."""
+    rows = _read_jsonl(out_dir / "metrics.jsonl")
+    last = next((r for r in reversed(rows) if "loss" in r), {})
+    evals = [r for r in rows if "eval_loss" in r]
+    base = next((r for r in rows if "baseline_bigram_bpc" in r), {})
+    out = {"steps": max((r.get("step", 0) for r in rows), default=0), "loss": last.get("loss"),
+           "eval_loss": evals[-1]["eval_loss"] if evals else None,
+           "eval_bpc": next((r["eval_bpc"] for r in reversed(evals) if "eval_bpc" in r), None)}
+    out.update({k: base[k] for k in ("baseline_unigram_bpc", "baseline_bigram_bpc") if k in base})
+    return {**out, "files": {"metrics": "metrics.jsonl"}}
+
+
+def dpo_figures(out_dir: Path) -> dict:
+    """The first and the last eval rows (reward accuracy and margin before and after)."""
+    evals = [r for r in _read_jsonl(out_dir / "metrics.jsonl") if r.get("split") == "eval"]
+    pick = lambda r: {k: v for k, v in r.items() if k.startswith("eval/") or k in ("step", "eval_on")}  # noqa: E731
+    return {"eval_before": pick(evals[0]) if evals else None, "eval_after": pick(evals[-1]) if evals else None,
+            "files": {"metrics": "metrics.jsonl"}}
+
+
+def ceval_figures(out_dir: Path) -> dict:
+    res = _read_json(out_dir / "results.json")
+    return {k: res.get(k) for k in ("overall", "per_category")}
+
+
+def ie_figures(root: Path, runs: dict[str, str]) -> dict:
+    """Dev P/R/F1, steps and minutes of each IE run ({label: its folder under root})."""
+    out = {}
+    for label, folder in runs.items():
+        s = _read_json(root / folder / "ie_scores.json")
+        if isinstance(s.get("dev"), dict):
+            out[label] = {"dev": s["dev"], "steps": (s.get("train") or {}).get("steps"),
+                          "train_minutes": s.get("train_minutes")}
+    return {"runs": out}
+
+
+# ------------------------------------------------------------------------------------------- stages
 def _flags(d: dict) -> list[str]:
     return [f"--{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in d.items()]
 
@@ -56,12 +238,7 @@ def _env(cfg: PipelineConfig) -> dict | None:
 
 
 def _preset(cfg: PipelineConfig) -> str:
-    from config import TRAIN_PRESETS
     return cfg.pretrain.get("preset") or TRAIN_PRESETS.get(cfg.pretrain_stage, {}).get("preset", "small")
-
-
-def final_model_dir(cfg: PipelineConfig) -> Path:
-    return Path(cfg.root)
 
 
 def build_stages(cfg: PipelineConfig) -> list[Stage]:
@@ -77,28 +254,32 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
         "data", [PY + ["-m", "utils.raw_data_process", f"--config={cfg.data_config}", f"--output_dir={data_dir}",
                        "--quiet=True"] + _flags(cfg.data_overrides)],
         [str(data_dir / "report.json"), str(data_dir / "my_train_dataset.parquet")],
-        "raw sources -> clean, deduplicated parquet + text corpus"))
+        "raw sources -> clean, deduplicated parquet + text corpus", after=lambda: data_figures(data_dir),
+        out_dir=str(data_dir)))
     stages.append(Stage(
         "tokenizer", [PY + ["train_tokenizer.py", f"--inputs={data_dir / 'my_corpus.txt'}",
                             f"--output_dir={tok_dir}"] + _flags(cfg.tokenizer)],
-        [str(tok_dir / "tokenizer.json")], "train the tokenizer on the text corpus"))
+        [str(tok_dir / "tokenizer.json")], "train the tokenizer on the text corpus",
+        after=lambda: tokenizer_figures(tok_dir, data_dir / "my_valid_dataset.parquet"), out_dir=str(tok_dir)))
     train_files = f"{data_dir / 'my_text_dataset.parquet'}:1,{data_dir / 'my_train_dataset.parquet'}:1"
     seed = {} if cfg.seed is None else {"seed": cfg.seed}
     pre_flags = dict(dict(train_file=train_files, valid_file=data_dir / "my_valid_dataset.parquet"),
                      **cfg.pretrain, **seed)
     stages.append(Stage(
-        "pretrain", [_launcher(cfg) + ["train.py", "train", f"--stage={cfg.pretrain_stage}",
+        "pretrain", [_launcher(cfg) + ["train.py", f"--stage={cfg.pretrain_stage}",
                                        f"--tokenizer_dir={tok_dir}", f"--output_dir={pre_dir}"] + _flags(pre_flags)],
-        [str(pre_dir / "model.safetensors")], "T5 pretraining", resume_args=["--is_keep_training=True"]))
+        [str(pre_dir / "model.safetensors")], "T5 pretraining", resume_args=["--is_keep_training=True"],
+        after=lambda: trainer_figures(pre_dir), out_dir=str(pre_dir)))
     sft_flags = dict(dict(valid_file=data_dir / "my_valid_dataset.parquet"), **cfg.sft, **seed)
     if not cfg.demo_data:
         sft_flags.setdefault("train_file", data_dir / "my_train_dataset.parquet")
     sft_init = ([f"--init_from={pre_dir}"] if cfg.sft_from_pretrain
                 else ["--is_finetune=False", "--init_from=None", f"--preset={_preset(cfg)}"])
     stages.append(Stage(
-        "sft", [_launcher(cfg) + ["train.py", "train", f"--stage={cfg.sft_stage}", f"--tokenizer_dir={tok_dir}",
+        "sft", [_launcher(cfg) + ["train.py", f"--stage={cfg.sft_stage}", f"--tokenizer_dir={tok_dir}",
                                   f"--output_dir={sft_dir}"] + sft_init + _flags(sft_flags)],
-        [str(sft_dir / "model.safetensors")], "instruction fine-tuning", resume_args=["--is_keep_training=True"]))
+        [str(sft_dir / "model.safetensors")], "instruction fine-tuning", resume_args=["--is_keep_training=True"],
+        after=lambda: trainer_figures(sft_dir), out_dir=str(sft_dir)))
     dpo_file = cfg.dpo_file or str(data_dir / "my_dpo_dataset.parquet")
     dpo_cmds, dpo_files = [], [f"--train_file={dpo_file}"]
     if cfg.dpo_valid_ratio > 0:  # hold out pairs by prompt, so the report's DPO accuracy is on unseen pairs
@@ -109,21 +290,23 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
                               f"--valid_ratio={cfg.dpo_valid_ratio}"] + _flags(lens))
         dpo_files = [f"--train_file={split_dir / 'my_dpo_train.parquet'}",
                      f"--valid_file={split_dir / 'my_dpo_valid.parquet'}"]
-    dpo_cmds.append(_launcher(cfg) + ["dpo_train.py", "train", f"--sft_model_dir={sft_dir}"] + dpo_files
+    dpo_cmds.append(_launcher(cfg) + ["dpo_train.py", f"--sft_model_dir={sft_dir}"] + dpo_files
                     + [f"--output_dir={dpo_dir}"] + _flags(dict(cfg.dpo, **seed)))
     stages.append(Stage(
         "dpo", dpo_cmds,
-        [str(dpo_dir / "model.safetensors")], "preference optimisation", resume_args=["--is_keep_training=True"]))
+        [str(dpo_dir / "model.safetensors")], "preference optimisation", resume_args=["--is_keep_training=True"],
+        after=lambda: dpo_figures(dpo_dir), out_dir=str(dpo_dir)))
     stages.append(Stage("final", [], [str(root / "model.safetensors")], "export the final model",
-                        after=lambda: export_final(cfg)))
+                        after=lambda: export_final(cfg), out_dir=str(root)))
     stages.append(Stage(
         "ceval", [PY + ["eval/c_eval.py", f"--model_dir={root}", f"--data_dir={cfg.ceval_dir}",
                         f"--split={cfg.ceval_split}", f"--out_dir={root / 'eval' / 'ceval'}", "--show_table=True"]
                   + _flags(cfg.ceval)],
-        [str(root / "eval" / "ceval")], "C-Eval-style multiple choice"))
+        [str(root / "eval" / "ceval")], "C-Eval-style multiple choice",
+        after=lambda: ceval_figures(root / "eval" / "ceval"), out_dir=str(root / "eval" / "ceval")))
     stages.append(ie_stage(cfg))
     stages.append(Stage("chat", [], [], "held-out questions, sample chats, a sample API exchange",
-                        after=lambda: sample_chats(cfg)))
+                        after=lambda: sample_chats(cfg), out_dir=str(root / "chat")))
     stages.append(Stage("report", [], [str(root / "report.md")], "report card", after=lambda: report_card(cfg)))
     return stages
 
@@ -131,6 +314,7 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
 def ie_stage(cfg: PipelineConfig) -> Stage:
     root = Path(cfg.root)
     out = root / "ie"
+    runs = {"from the pretrained model": "ie"}
     ie_py = "finetune_examples/info_extract/"
     if cfg.ie_train:
         common = [ie_py + "finetune.py", f"--train_file={cfg.ie_train}", f"--dev_file={cfg.ie_dev}"]
@@ -141,9 +325,10 @@ def ie_stage(cfg: PipelineConfig) -> Stage:
             cmds.append(PY + common + [f"--tokenizer_dir={root / 'tokenizer'}", f"--preset={_preset(cfg)}",
                                        f"--output_dir={root / 'ie_scratch'}", f"--data_dir={root / 'ie_data'}"]
                         + _flags(dict(shape, **cfg.ie)))
+            runs["from random init, same budget"] = "ie_scratch"
     else:
         cmds = [PY + [ie_py + "finetune.py", "demo", f"--model_dir={root}", f"--output_dir={out}"]]
-    return Stage("ie", cmds, [str(out)], "triple extraction")
+    return Stage("ie", cmds, [str(out)], "triple extraction", after=lambda: ie_figures(root, runs), out_dir=str(out))
 
 
 def export_final(cfg: PipelineConfig) -> dict:
@@ -151,17 +336,14 @@ def export_final(cfg: PipelineConfig) -> dict:
     root = Path(cfg.root)
     src = root / ("dpo" if cfg.use_dpo_model else "sft")
     for f in src.iterdir():
-        if f.is_file():
+        if f.is_file() and f.name != SUMMARY:
             shutil.copy2(f, root / f.name)
     console.print(f"final model: {root} (from {src})")
     return {"source": str(src)}
 
 
 def sample_chats(cfg: PipelineConfig) -> dict:
-    from model.infer import ChatBot
-    from config import InferConfig
-
-    from model.quality import distinct_n, is_degenerate, top_token_share
+    from model.infer import ChatBot  # torch and transformers load here, not for --help or the other stages
     bot = ChatBot(make_config(InferConfig, model_dir=str(cfg.root), max_new_tokens=64))  # folder's decoding
     result = {"heldout": [], "samples": []}
     if cfg.heldout and Path(cfg.heldout).is_file():
@@ -192,7 +374,7 @@ def sample_chats(cfg: PipelineConfig) -> dict:
                                      ("max_new_tokens", "repetition_penalty", "no_repeat_ngram_size"))
     console.print(f"degenerate answers: {result['degenerate']} of {len(all_ids)}, distinct-2 {result['distinct_2']}")
     try:
-        from utils.api_server import sample_exchange
+        from model.server import sample_exchange
         console.rule("sample API exchange")
         exchange = sample_exchange(str(cfg.root))
         console.print(exchange, markup=False)
@@ -203,7 +385,6 @@ def sample_chats(cfg: PipelineConfig) -> dict:
 
 
 def report_card(cfg: PipelineConfig) -> dict:
-    from utils.report_card import write_report_card
     path = write_report_card(cfg)
     console.print(f"report card: {path}")
     return {"report": str(path)}
@@ -231,6 +412,4 @@ def main(profile: str = "demo", force: str | tuple = (), only: str | tuple = (),
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    run_cli(main)

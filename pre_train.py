@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-import fire
+from config import run_cli
 
 
 def main(stage: str = "pretrain", reference_settings: bool = False, resume_from_checkpoint=None, **overrides):
@@ -21,4 +21,4 @@ def main(stage: str = "pretrain", reference_settings: bool = False, resume_from_
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

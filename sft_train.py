@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-import fire
+from config import run_cli
 
 
 def main(stage: str = "sft", reference_settings: bool = False, resume_from_checkpoint=None, **overrides):
@@ -19,4 +19,4 @@ def main(stage: str = "sft", reference_settings: bool = False, resume_from_check
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

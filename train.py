@@ -1,27 +1,29 @@
 """Pretraining and SFT with the project's accelerate trainer (logic in model/trainer.py).
 
-    accelerate launch train.py train --train_file=data/generated/all/my_train_dataset.parquet
-    accelerate launch train.py train --is_finetune=True --init_from=model_save/pretrain --train_file=sft.parquet
-    accelerate launch train.py train --is_keep_training=True        # continue exactly after a stop or a kill
-    python train.py train --stage=demo_pretrain                      # one CPU process works too
+    accelerate launch train.py --train_file=data/generated/all/my_train_dataset.parquet
+    accelerate launch train.py --is_finetune=True --init_from=model_save/pretrain --train_file=sft.parquet
+    accelerate launch train.py --is_keep_training=True        # continue exactly after a stop or a kill
+    python train.py --stage=demo_pretrain                      # one CPU process works too
+    python train.py --help                                     # every field with its type, default and meaning
 
 Every TrainConfig field is a flag (``--learning_rate=1e-4``); ``--stage`` picks a TRAIN_PRESETS entry first.
+``python train.py train ...`` (the older spelling) still works.
 """
 from __future__ import annotations
 
 import json
+import os
 
-import fire
+from config import run_cli
 
 
 def train(stage: str | None = None, **overrides) -> None:
-    from model.trainer import train as run_training, train_config
+    from model.trainer import train as run_training, train_config  # torch loads after the flags are parsed
     cfg = train_config(stage, **overrides)
     result = run_training(cfg)
-    import os
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, ensure_ascii=False, default=str))
 
 
 if __name__ == "__main__":
-    fire.Fire({"train": train})
+    run_cli(train, default="train")

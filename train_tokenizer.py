@@ -9,22 +9,21 @@ Inputs: text files (one text a line), ``.jsonl`` (``--columns`` fields), ``.parq
 every string column), globs and folders, comma-separated. Every option of ``TokenizerTrainConfig``
 (model/tokenizer.py) is a flag. Writes ``tokenizer.json``, ``tokenizer_config.json`` and
 ``training_stats.json`` to ``--output_dir``; load with ``AutoTokenizer.from_pretrained(output_dir)``.
+``--help`` lists every option with its type, default and meaning.
 """
 from __future__ import annotations
 
 import json
 
+from config import make_config, run_cli
+from model.tokenizer import TOKENIZER_PRESETS, TokenizerTrainConfig, train_from_config
+
 
 def main(preset: str = "default", **overrides):
-    from config import make_config
-    from model.tokenizer import TOKENIZER_PRESETS, TokenizerTrainConfig, train_from_config
-
     cfg = make_config(TokenizerTrainConfig, preset, TOKENIZER_PRESETS, **overrides)
     tok, stats = train_from_config(cfg)
     print(json.dumps(stats, ensure_ascii=False))
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    run_cli(main)

@@ -11,7 +11,7 @@ the same ``num_perm`` and threshold 0.85, and each runs in its own process so it
 The two methods run alternately ``--repeat`` times (default 2) and each method's fastest run counts (the machine
 is shared; every run is printed).
 
-Scoring (DESIGN.md): recall = share of planted pairs whose exact 3-gram Jaccard is >= 0.85 that are reported
+Scoring (docs/data.md): recall = share of planted pairs whose exact 3-gram Jaccard is >= 0.85 that are reported
 (reported = the two lines end up in one group of the reported pairs); precision = share of reported pairs whose
 exact Jaccard is >= 0.80 (on a random sample of at most 20,000 reported pairs).  datasketch: ``MinHash.bulk`` +
 ``MinHashLSH`` query-then-insert for every line (every earlier similar line is reported).  Ours: streaming

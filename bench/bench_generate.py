@@ -45,8 +45,8 @@ def _build_models(work: Path, train_steps: int, model_dir, base_preset: str):
     """(trained model folder, base-size random model folder)."""
     from model.chat_model import TextToTextModel
     from model.checkpoint import save_model_folder
-    from model.infer import fit_toy_model
     from model.tokenizer import load_tokenizer, train_tokenizer
+    from tests.helpers import fit_toy_model
 
     if model_dir:
         trained = Path(model_dir)
@@ -73,7 +73,7 @@ def _measure(model_dir: Path, prompts, max_new: int, threads: int, rounds: int, 
     import httpx
 
     from model.infer import ChatBot, TokenStreamer
-    from utils.api_server import ServerThread, create_app
+    from model.server import ServerThread, create_app
 
     common = dict(model_dir=str(model_dir), max_new_tokens=max_new, max_prompt_tokens=256, torch_threads=threads,
                   max_concurrency=1, search_type="greedy")

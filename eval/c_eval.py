@@ -32,8 +32,12 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 import pandas as pd
 import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
 
 from config import PAD_ID, PROJECT_ROOT, SHARED_DATA, make_config
+from model.checkpoint import load_model_folder
 
 CATEGORIES = ("STEM", "Social Science", "Humanities", "Other")
 UNMAPPED = "Unmapped"
@@ -296,7 +300,6 @@ def score_questions(model, tokenizer, subjects: Sequence[Subject], dev: Optional
     records: list[Optional[dict]] = [None] * len(jobs)
     option_ids = {}
     model.eval()
-    from rich.progress import Progress
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"C-Eval {cfg.mode}", total=len(jobs))
         for idx in _batches(order, max(1, cfg.batch_size)):
@@ -390,7 +393,6 @@ def _fmt(x: Optional[float]) -> str:
 
 def results_table(summary: dict, title: str = "C-Eval"):
     """A rich table: one row per subject, then one per category, then the average."""
-    from rich.table import Table
     t = Table(title=title)
     for col, kw in (("subject", {}), ("category", {}), ("n", {"justify": "right"}),
                     ("accuracy %", {"justify": "right"})):
@@ -448,10 +450,8 @@ def _subject_list(value) -> Optional[list[str]]:
 
 def run_ceval(cfg: CEvalConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
     """Evaluate (loading ``cfg.model_dir`` unless a model and tokenizer are given); returns the summary."""
-    from rich.console import Console
     torch.set_num_threads(max(1, cfg.num_threads))
     if model is None or tokenizer is None:
-        from model.checkpoint import load_model_folder
         model_dir = Path(cfg.model_dir)
         if not model_dir.is_absolute() and not model_dir.exists():
             model_dir = PROJECT_ROOT / model_dir

@@ -25,7 +25,11 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
+from rich.progress import Progress
 
 from config import EOS_ID, PAD_ID, sentinel_token
 
@@ -86,8 +90,6 @@ def inspect_source(path: str, weight: float = 1.0) -> SourceInfo:
     if p.suffix != ".parquet":
         raise ValueError(f"{p}: unsupported data file type {p.suffix!r}; expected .parquet (columns prompt, "
                          f"response or text) or .txt (one document per line)")
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(p)
     except Exception as e:  # pyarrow raises several types for broken files
@@ -121,7 +123,6 @@ def inspect_source(path: str, weight: float = 1.0) -> SourceInfo:
             if nulls is None or nulls > 0:
                 col = pf.read_row_group(g, columns=[c]).column(c)
                 if col.null_count:
-                    import pyarrow.compute as pc
                     first = int(pc.index(pc.is_null(col), True).as_py())
                     raise ValueError(f"{p}: column {c!r} has {col.null_count} null value(s) in row group {g}, "
                                      f"first at row {starts[g] + first}; drop or fill them before training")
@@ -170,7 +171,6 @@ def iter_source_rows(src: SourceInfo, start_row: int = 0, chunk: int = 1024,
             if rows:
                 yield first, rows, offs
         return
-    import pyarrow.parquet as pq
     pf = pq.ParquetFile(src.path)
     starts = list(src.row_group_starts) or [0]
     g = max(i for i, s in enumerate(starts) if s <= start_row) if start_row > 0 else 0
@@ -443,7 +443,6 @@ class TextToTextDataset(torch.utils.data.Dataset):
         self.items: list[list] = []  # per source: item or None (skipped)
         self.skipped: dict[str, int] = {}
         total = sum(s.num_rows for s in self.sources)
-        from rich.progress import Progress
         with Progress(disable=not show_progress, transient=True) as progress:
             task = progress.add_task("tokenising", total=total)
             for src in self.sources:

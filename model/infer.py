@@ -1,35 +1,35 @@
-"""Inference: ``ChatBot`` (batch chat, streaming chat, multi-turn prompts) and the terminal chat loop.
+"""Inference: ``ChatBot`` (batch chat, streaming chat, multi-turn prompts), its streamer and the CTranslate2 engine.
 
 Every answer goes through ``TextToTextModel.my_generate`` (``engine="torch"``) or, optionally, through a
 CTranslate2 int8 copy of the same folder (``engine="ct2"``). Streaming uses one ``TokenStreamer`` per request; a
 streamer whose ``cancel`` event is set raises ``GenerationCancelled`` from inside ``generate``, which is how a
 disconnected client stops its generation. Decoding defaults come from the folder's ``generation_config.json``.
 
-Multi-turn prompt (encoder input): with history or a system message, one line per turn, ``系统：...``,
-``用户：...``, ``助手：...``, the query last as ``用户：...``; a lone query is sent as it is; then ``[EOS]``. History
-is fitted into ``history_tokens`` newest-first, so the oldest turns are dropped first; the system message and
-the current query are always kept.
+Multi-turn prompts follow the one layout of ``model/prompt.py``. History is fitted into ``history_tokens``
+newest-first, so the oldest turns are dropped first; the system message and the current query are always kept.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import concurrent.futures
 import queue
-import sys
+import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from utils.readers import ROLE_LABELS
-from config import EOS_ID, PAD_ID, InferConfig, make_config
+from config import EOS_ID, GENERATION_DEFAULTS, PAD_ID, InferConfig, make_config
 from model.chat_model import SEARCH_TYPES
 from model.checkpoint import check_model_folder, load_model_folder, pick_device
+from model.prompt import turn_line
+from model.tokenizer import load_tokenizer
 
 ENGINES = ("torch", "ct2")
 # Settings a caller may change per request; everything else is fixed by the server's config.
@@ -216,7 +216,6 @@ def convert_to_ct2(model_dir: str | Path, out_dir: str | Path | None = None) -> 
     TransformersConverter(str(src)).convert(str(tmp), force=True)
     (tmp / "source.json").write_text(json.dumps(marker), encoding="utf-8")
     if out.exists():
-        import shutil
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
@@ -288,7 +287,6 @@ def torch_thread_init(n: Optional[int] = None) -> Callable[[], None]:
 def folder_generation_defaults(model_dir: str | Path, cfg: InferConfig) -> dict:
     """The settings left unset (None) in ``cfg``, from the folder's ``generation_config.json``: what plain
     ``model.generate`` uses, so the CLI, the API and transformers give one answer for one prompt."""
-    from config import GENERATION_DEFAULTS
     saved = {}
     path = Path(model_dir) / "generation_config.json"
     if path.is_file():
@@ -328,7 +326,6 @@ class ChatBot:
             self.model, self.tokenizer = load_model_folder(self.model_dir, device=cfg.device)
             self.ct2 = None
         else:
-            from model.tokenizer import load_tokenizer
             self.model = None
             self.tokenizer = load_tokenizer(self.model_dir)
             self.ct2 = CT2Engine(self.model_dir, self.tokenizer, cfg)
@@ -374,11 +371,10 @@ class ChatBot:
         if not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
         limit = self.cfg.max_prompt_tokens - 1  # room for [EOS]
-        # Same layout as the training data built by utils/readers.join_history: with history or a system text,
-        # every turn on its own line as "用户：..." / "助手：...", the query last as "用户：..."; alone, the query.
-        head = self._encode(f"{ROLE_LABELS['system']}：{system}\n") if system else []
+        # The layout of model/prompt.py, encoded piece by piece so whole turns can be dropped to fit.
+        head = self._encode(turn_line("system", system) + "\n") if system else []
         labelled = bool(history) or bool(system)
-        q = self._encode(f"{ROLE_LABELS['user']}：{query}" if labelled else query)
+        q = self._encode(turn_line("user", query) if labelled else query)
         if len(head) + len(q) > limit:
             if strict:
                 raise PromptTooLong(len(head) + len(q) + 1, self.cfg.max_prompt_tokens)
@@ -391,7 +387,7 @@ class ChatBot:
         for i, turn in enumerate(reversed(list(history or []))):
             if len(turn) != 2:
                 raise ValueError(f"history turn {len(history) - 1 - i} must be a (user, assistant) pair, got {turn!r}")
-            seg = self._encode(f"{ROLE_LABELS['user']}：{turn[0]}\n{ROLE_LABELS['assistant']}：{turn[1]}\n")
+            seg = self._encode(turn_line("user", turn[0]) + "\n" + turn_line("assistant", turn[1]) + "\n")
             if used + len(seg) > budget:
                 break
             turns.append(seg)
@@ -497,108 +493,6 @@ class ChatBot:
         if self._pool is None:
             with self._pool_lock:
                 if self._pool is None:
-                    import concurrent.futures
                     self._pool = concurrent.futures.ThreadPoolExecutor(
                         max_workers=64, thread_name_prefix="chatbot-stream", initializer=torch_thread_init())
         return self._pool
-
-
-# ------------------------------------------------------------------------------------------ terminal
-def chat_loop(bot: ChatBot, console=None, read: Optional[Callable[[str], str]] = None,
-              lines: Optional[Iterable[str]] = None) -> int:
-    """Terminal chat: streaming answers, ``exit`` quits, ``cls`` clears the screen and the history.
-
-    Returns the number of answered turns. ``lines`` (tests) replaces interactive input.
-    """
-    from rich.console import Console
-    from rich.text import Text
-
-    console = console or Console()
-    it = iter(lines) if lines is not None else None
-    if read is None:
-        def read(prompt: str) -> str:
-            if it is not None:
-                try:
-                    line = next(it)
-                except StopIteration:
-                    raise EOFError from None
-                console.print(Text(prompt + line, style="bold green"))
-                return line
-            line = console.input(f"[bold green]{prompt}[/]")
-            if not sys.stdin.isatty():  # piped input is not echoed: show it
-                console.print(line, highlight=False)
-            return line
-    console.print(f"[bold]ChatBot[/] ({bot.model_name}, {bot.engine}, {bot.cfg.search_type}) - "
-                  f"type [cyan]exit[/] to quit, [cyan]cls[/] to clear the screen and the history")
-    history: list[tuple[str, str]] = []
-    answered = 0
-    while True:
-        try:
-            query = read("User: ").strip()
-        except (EOFError, KeyboardInterrupt):
-            console.print()
-            break
-        if not query:
-            continue
-        if query.lower() == "exit":
-            break
-        if query.lower() == "cls":
-            console.clear()
-            history.clear()
-            console.print("[dim]screen and history cleared[/]")
-            continue
-        answer = ""
-        # Pieces are printed as they come (a rich Live region redrawn under CJK text and input() garbled the
-        # terminal); rich still styles the label and handles terminals without colour.
-        console.print(Text("ChatBot: ", style="bold cyan"), end="")
-        try:
-            for piece in bot.stream_chat(query, history):
-                answer += piece
-                console.print(Text(piece), end="", soft_wrap=True)
-                console.file.flush()
-            console.print()
-        except KeyboardInterrupt:
-            console.print(" [yellow](stopped)[/]")
-        except ValueError as e:
-            console.print(f"[red]{e}[/]")
-            continue
-        history.append((query, answer))
-        answered += 1
-    console.print("[dim]bye[/]")
-    return answered
-
-
-def fit_toy_model(out_dir: str | Path, pairs: Sequence[tuple[str, str]], tokenizer=None, preset: str = "tiny",
-                  steps: int = 100, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
-                  reuse: bool = False) -> Path:
-    """A few AdamW steps on (prompt, response) pairs, for tests and benchmarks only.
-
-    A randomly initialised T5 with tied embeddings copies its input token ([PAD] forever); a hundred steps
-    (about 5 s for ``tiny`` on one core) give prompt-dependent answers that end with [EOS].
-    """
-    from model.chat_model import TextToTextModel
-    from model.checkpoint import save_model_folder
-    from model.tokenizer import train_tokenizer
-
-    if reuse and (Path(out_dir) / "model.safetensors").is_file():
-        return Path(out_dir)
-    if tokenizer is None:
-        texts = [t for p in pairs for t in p]
-        tokenizer = train_tokenizer(texts, vocab_size=1024, token_type="char")
-    torch.manual_seed(seed)
-    model = TextToTextModel.from_preset(preset, vocab_size=len(tokenizer))
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    pairs = list(pairs)
-    for _ in range(steps):
-        idx = torch.randint(len(pairs), (batch_size,), generator=g).tolist()
-        b = tokenizer([pairs[i][0] for i in idx], text_target=[pairs[i][1] for i in idx], padding=True,
-                      truncation=True, max_length=128, return_tensors="pt")
-        labels = b["labels"].masked_fill(b["labels"] == PAD_ID, -100)
-        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    return save_model_folder(model, tokenizer, out_dir)

@@ -1,7 +1,7 @@
 """The project's fast tokenizer: build, train, save, load.
 
 One code path for every tokenizer the kit makes, from the 40 kB demo corpus to corpora of many GB. Contract
-(DESIGN.md): the 7 special tokens sit at ids 0..6 (``[PAD] [EOS] [SEP] [BOS] [CLS] [MASK] [UNK]``), the
+(docs/format.md): the 7 special tokens sit at ids 0..6 (``[PAD] [EOS] [SEP] [BOS] [CLS] [MASK] [UNK]``), the
 span-corruption sentinels ``<extra_id_0>`` ... ``<extra_id_{n-1}>`` are reserved right after them at ids 7 ..
 6+n (``num_sentinels``, default 100; ``<extra_id_0>`` marks the first masked span), and the post-processor
 appends ``[EOS]`` once to every encoded text, so callers never add it themselves. ``\n`` and ``\t`` are
@@ -15,12 +15,14 @@ Two kinds, as in the reference project:
 
 Training never holds the corpus or its distinct clauses in memory: texts are pre-tokenised and counted (in
 worker processes for files, with long pieces cut into chunks and the count table capped, see
-``utils/tokenizer_counting.py``), and the vocabulary is trained from the counts.
+``model/tokenizer_counting.py``), and the vocabulary is trained from the counts.
 """
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -28,7 +30,7 @@ from typing import Iterable, Optional, Sequence
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from config import DEFAULT_NUM_SENTINELS, EOS_ID, SPECIAL_TOKENS, UNK_ID, sentinel_token
-from utils.tokenizer_counting import (PieceCounts, PieceSplitter, char_frequencies, count_files, count_texts,
+from model.tokenizer_counting import (PieceCounts, PieceSplitter, char_frequencies, count_files, count_texts,
                                       feed_batches, write_tsv)
 
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
@@ -229,9 +231,7 @@ def train_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 292
 def _train_sentencepiece(counts: PieceCounts, kind: str, vocab_size: int, token_type: str, num_sentinels: int,
                          num_threads: int, character_coverage: float, seed: int) -> PreTrainedTokenizerFast:
     """Sentencepiece trained on the piece counts (its tsv input), converted to the project's fast format."""
-    import os
-
-    import sentencepiece as spm
+    import sentencepiece as spm  # optional engine: loaded only when asked for
 
     if kind not in SENTENCEPIECE_TYPES:
         raise ValueError(f"unknown sentencepiece model {kind!r}; expected one of {SENTENCEPIECE_TYPES}")
@@ -328,8 +328,6 @@ TOKENIZER_PRESETS = {
 
 def train_from_config(cfg: TokenizerTrainConfig) -> tuple[PreTrainedTokenizerFast, dict]:
     """Count, train, save; returns the tokenizer and the figures written to ``training_stats.json``."""
-    import time
-
     if not cfg.inputs:
         raise ValueError("no input: pass --inputs with text files, globs, folders, .jsonl or .parquet files")
     t0 = time.time()

@@ -54,7 +54,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 def toy_model_dir(tmp_path_factory, demo_data, tiny_tokenizer) -> Path:
     """The tiny model after 100 steps on the demo SFT pairs: prompt-dependent answers ending in [EOS]."""
     import pandas as pd
-    from model.infer import fit_toy_model
+    from helpers import fit_toy_model
     df = pd.read_parquet(demo_data["sft"])
     return fit_toy_model(tmp_path_factory.getbasetemp() / "toy_chat", list(zip(df.prompt, df.response)),
                          tiny_tokenizer, steps=100, reuse=True)

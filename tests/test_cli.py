@@ -6,19 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from model.infer import ChatBot, fit_toy_model
+from cli_demo import chat_loop
+from model.infer import ChatBot
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def toy_model_dir(tmp_path_factory, demo_data, tiny_tokenizer):
-    df = pd.read_parquet(demo_data["sft"])
-    return fit_toy_model(tmp_path_factory.getbasetemp() / "toy_chat", list(zip(df.prompt, df.response)),
-                         tiny_tokenizer, steps=100, reuse=True)
 
 
 def test_cli_session(toy_model_dir):
@@ -62,25 +55,49 @@ def test_cli_bad_option(capsys):
     assert "unknown option" in capsys.readouterr().out
 
 
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
 def test_help_lists_every_field_with_type_default_and_meaning():
     import dataclasses
-    from config import DPOConfig, InferConfig, TrainConfig
-    for script, cls in (("train.py train", TrainConfig), ("dpo_train.py train", DPOConfig), ("api_demo.py", InferConfig)):
-        p = subprocess.run([sys.executable, *script.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=120)
+    from config import DPOConfig, InferConfig, PipelineConfig, TrainConfig
+    from model.tokenizer import TokenizerTrainConfig
+    for script, cls in (("train.py", TrainConfig), ("dpo_train.py", DPOConfig), ("api_demo.py", InferConfig),
+                        ("cli_demo.py", InferConfig), ("pipeline.py", PipelineConfig),
+                        ("train_tokenizer.py", TokenizerTrainConfig)):
+        p = _run(script, "--help")
         assert p.returncode == 0, p.stderr[-2000:]
         for f in dataclasses.fields(cls):
             assert f"--{f.name} " in p.stdout, (script, f.name)
         assert "Traceback" not in p.stderr
-    p = subprocess.run([sys.executable, "train.py", "train", "--help"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
-    line = next(x for x in p.stdout.splitlines() if x.strip().startswith("--save_steps "))
+    line = next(x for x in _run("train.py", "--help").stdout.splitlines() if x.strip().startswith("--save_steps "))
     assert "int" in line and "1000" in line and "0: off" in line
+
+
+def test_one_subcommand_style_main_action_by_flags_others_by_name():
+    """Flags run a script's main action; a first word names another action; `train.py train` still works."""
+    assert "--save_steps " in _run("train.py", "train", "--help").stdout  # the older spelling
+    dpo = _run("dpo_train.py", "--help").stdout
+    assert "dpo_train.py merge" in dpo and "--beta " in dpo  # the other action is named in the help
+    merge = _run("dpo_train.py", "merge", "--help")
+    assert merge.returncode == 0 and "adapter_dir" in (merge.stdout + merge.stderr).lower()  # fire: on stderr
+    ie = _run("finetune_examples/info_extract/finetune.py", "--help")  # help only: no data processed, no training
+    assert ie.returncode == 0 and "finetune.py demo" in ie.stdout and "--time_budget_min" in ie.stdout
+    assert "--save_steps " in ie.stdout and "ie_data" not in ie.stdout + ie.stderr
+    bad = _run("train.py", "--save_stepz=0")
+    assert bad.returncode == 2 and "error: unknown option(s) for TrainConfig: save_stepz" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    bad = _run("api_demo.py", "--port=http")
+    assert bad.returncode == 2 and "InferConfig.port expects int" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_flag_values_are_checked_against_the_field_types(tmp_path):
     from config import InferConfig, TrainConfig, make_config
     assert make_config(InferConfig, api_key=123456).api_key == "123456"  # fire parsed it as an int
+    assert make_config(InferConfig, api_key=None).api_key is None
+    with pytest.raises(ValueError, match="InferConfig.api_key expects str"):
+        make_config(InferConfig, api_key=True)
     assert make_config(TrainConfig, learning_rate=1).learning_rate == 1.0
     with pytest.raises(ValueError, match="TrainConfig.save_steps expects int, got 'often'"):
         make_config(TrainConfig, save_steps="often")
@@ -92,3 +109,27 @@ def test_flag_values_are_checked_against_the_field_types(tmp_path):
     assert (cfg.learning_rate, cfg.max_steps) == (0.002, 7)
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         make_config(TrainConfig, config=str(tmp_path / "nope.yaml"))
+
+
+def test_chat_loop_multi_turn_exit_and_cls(toy_model_dir):
+    bot = ChatBot(model_dir=str(toy_model_dir), max_new_tokens=32)
+    from rich.console import Console
+    seen = []
+
+    class Spy:
+        cfg, engine, model_name = bot.cfg, "torch", "spy"
+
+        def stream_chat(self, q, history):
+            seen.append((q, list(history)))
+            yield from bot.stream_chat(q, history)
+
+    console = Console(record=True, width=200)
+    n = chat_loop(Spy(), console, lines=["你好", "3加5等于多少？", "cls", "你是谁？", "exit", "never read"])
+    out = console.export_text()
+    assert n == 3
+    a1 = bot.chat("你好")
+    assert seen[0] == ("你好", [])
+    assert seen[1] == ("3加5等于多少？", [("你好", a1)])  # multi-turn: the first answer is in the history
+    assert seen[2] == ("你是谁？", [])  # cls cleared the history
+    assert "ChatBot: " + a1 in out and "history cleared" in out and "bye" in out
+    assert "never read" not in out

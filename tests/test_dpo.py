@@ -304,7 +304,7 @@ def test_build_reads_every_schema_and_counts_drops(tmp_path, tiny_tokenizer):
     df = pd.read_parquet(tmp_path / "out" / "my_dpo_train.parquet")
     assert list(df.columns) == ["prompt", "chosen", "rejected"] and len(df) == rep["train"] == 4
     # multi-turn and system text joined by the data pipeline's reader, exactly as for SFT data
-    from utils.readers import join_history
+    from model.prompt import join_history
     multi = join_history([("user", "你是谁"), ("assistant", "我是模型")], "写一句话\n关于春天")
     assert set(df.prompt) == {join_history([], "你好", "你是助手"), multi, "头疼怎么办", "发烧"}
     assert df.set_index("prompt").loc[multi, "chosen"] == "春天来了。"

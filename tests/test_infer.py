@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import EOS_ID, InferConfig, make_config
-from model.infer import ChatBot, GenerationCancelled, PromptTooLong, TokenStreamer, chat_loop
+from model.infer import ChatBot, GenerationCancelled, PromptTooLong, TokenStreamer
 
 PROMPTS = ["你好", "3加5等于多少？", "星期四的后一天是星期几？", "7千米等于多少米？", "怎样保持健康？",
            "十二加九等于多少？", "六月的上一个月是几月？", "你是谁？"]
@@ -77,7 +77,7 @@ def test_history_oldest_turns_dropped_first(toy_model_dir):
     hist_part = ids[:-len(tail)]
     assert 0 < len(hist_part) <= 40
     # the kept turns are the newest ones, whole, in order, in the training data's layout
-    # (utils/readers.join_history): "用户：q\n助手：a\n"
+    # (model/prompt.py): "用户：q\n助手：a\n"
     kept = []
     for i in range(19, -1, -1):
         seg = enc(f"用户：问题{i}\n助手：回答{i}\n")
@@ -162,29 +162,6 @@ def test_missing_model_folder_is_clear(tmp_path):
         ChatBot(model_dir=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="unknown engine"):
         ChatBot(model_dir=str(tmp_path), engine="onnx")
-
-
-def test_chat_loop_multi_turn_exit_and_cls(bot):
-    from rich.console import Console
-    seen = []
-
-    class Spy:
-        cfg, engine, model_name = bot.cfg, "torch", "spy"
-
-        def stream_chat(self, q, history):
-            seen.append((q, list(history)))
-            yield from bot.stream_chat(q, history)
-
-    console = Console(record=True, width=200)
-    n = chat_loop(Spy(), console, lines=["你好", "3加5等于多少？", "cls", "你是谁？", "exit", "never read"])
-    out = console.export_text()
-    assert n == 3
-    a1 = bot.chat("你好")
-    assert seen[0] == ("你好", [])
-    assert seen[1] == ("3加5等于多少？", [("你好", a1)])  # multi-turn: the first answer is in the history
-    assert seen[2] == ("你是谁？", [])  # cls cleared the history
-    assert "ChatBot: " + a1 in out and "history cleared" in out and "bye" in out
-    assert "never read" not in out
 
 
 @pytest.fixture(scope="module")

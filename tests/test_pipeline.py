@@ -1,4 +1,5 @@
-"""The pipeline runner: skips finished stages, resumes stopped ones with their resume arguments, fails loudly."""
+"""The pipeline's stage runner: skips finished stages, resumes stopped ones with their resume arguments, fails
+loudly, and writes each stage's summary.json next to its output."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from config import PIPELINE_PROFILES, PipelineConfig, make_config
-from utils.pipeline_runner import Stage, run_stages
+from pipeline import Stage, run_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,10 +20,12 @@ def _write(path: Path, text: str) -> list[str]:
 
 def test_skips_complete_stages_and_records_figures(tmp_path):
     out = tmp_path / "a.txt"
-    stages = [Stage("a", [_write(out, "ran")], [str(out)])]
+    stages = [Stage("a", [_write(out, "ran")], [str(out)], after=lambda: {"lines": 1}, out_dir=str(tmp_path / "a"))]
     res = run_stages(stages, tmp_path / "state")
     assert res["a"]["commands"][0]["returncode"] == 0
     assert res["a"]["peak_rss_mb"] > 1
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())  # next to the stage's output
+    assert summary["stage"] == "a" and summary["figures"] == {"lines": 1} and summary["wall_s"] > 0
     run_stages(stages, tmp_path / "state")  # complete: skipped, nothing appended
     assert out.read_text().count("ran") == 1
     run_stages(stages, tmp_path / "state", force=("a",))
@@ -52,8 +55,8 @@ def test_failed_stage_raises_and_resumes_with_resume_args(tmp_path):
     run_stages(stages, tmp_path / "state")
     lines = log.read_text().splitlines()
     assert lines == ["", "--is_keep_training=True"]
-    marker = json.loads((tmp_path / "state" / "train.json").read_text())
-    assert marker["stage"] == "train" and not (tmp_path / "state" / "train.started").exists()
+    summary = json.loads((tmp_path / "state" / "train" / "summary.json").read_text())  # no out_dir: the state dir
+    assert summary["stage"] == "train" and not (tmp_path / "state" / "train.started").exists()
 
 
 def test_profiles_are_valid_configs():
@@ -126,26 +129,31 @@ def test_held_out_dpo_pairs_are_split_off_when_asked(tmp_path):
     assert len(next(s for s in pipeline.build_stages(demo) if s.name == "dpo").commands) == 1
 
 
-def test_report_card_reads_stage_outputs_and_publishes_text_and_plots(tmp_path):
-    from utils.report_card import write_report_card
+def test_every_stage_but_the_first_and_the_last_writes_its_summary_next_to_its_output(tmp_path):
+    import pipeline
     root = tmp_path / "root"
-    (root / "sft").mkdir(parents=True)
-    rows = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3} for s in range(1, 21)] + [{"step": 20, "eval_loss": 3.5}]
-    (root / "sft" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (root / "eval" / "ceval").mkdir(parents=True)
-    (root / "eval" / "ceval" / "results.json").write_text(json.dumps({
-        "overall": {"subjects": 2, "n": 40, "accuracy": 0.3125, "chance": 0.25, "chance_interval_95": [0.12, 0.38]},
-        "per_category": {"STEM": {"subjects": 1, "n": 20, "accuracy": 0.35},
-                         "Other": {"subjects": 1, "n": 20, "accuracy": 0.275}}}))
-    (root / "model.safetensors").write_bytes(b"weights")
-    cfg = make_config(PipelineConfig, "demo", PIPELINE_PROFILES, root=str(root), publish_dir=str(tmp_path / "docs"))
-    text = write_report_card(cfg).read_text(encoding="utf-8")
-    assert "last loss 3.000" in text and "last eval loss 3.500" in text
-    assert "| STEM | 1 | 20 | 0.350 |" in text and "average accuracy 0.312" in text
-    assert "## Data\n\nnot run" in text  # absent stages say so instead of inventing figures
-    published = sorted(p.relative_to(tmp_path / "docs").as_posix() for p in (tmp_path / "docs").rglob("*")
-                       if p.is_file())
-    assert published == ["plots/ceval_categories.png", "plots/sft_curves.png", "report.md"]
+    cfg = make_config(PipelineConfig, "demo", PIPELINE_PROFILES, root=str(root))
+    dirs = {s.name: s.out_dir for s in pipeline.build_stages(cfg)}
+    assert dirs["demo_data"] is None and dirs["report"] is None  # their summaries go to <root>/stages/<name>/
+    assert dirs["pretrain"] == str(root / "pretrain") and dirs["ceval"] == str(root / "eval" / "ceval")
+    assert dirs["final"] == str(root) and dirs["chat"] == str(root / "chat")
+
+
+def test_stage_figures_are_read_from_the_stage_outputs(tmp_path):
+    import pipeline
+    out = tmp_path / "sft"
+    out.mkdir()
+    rows = [{"step": 0, "baseline_unigram_bpc": 9.0, "baseline_bigram_bpc": 7.0}, {"step": 10, "loss": 4.0},
+            {"step": 10, "eval_loss": 3.5, "eval_bpc": 8.0}, {"step": 20, "loss": 3.0}]
+    (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    f = pipeline.trainer_figures(out)
+    assert f == {"steps": 20, "loss": 3.0, "eval_loss": 3.5, "eval_bpc": 8.0, "baseline_unigram_bpc": 9.0,
+                 "baseline_bigram_bpc": 7.0, "files": {"metrics": "metrics.jsonl"}}
+    (tmp_path / "ie").mkdir()
+    (tmp_path / "ie" / "ie_scores.json").write_text(json.dumps({"dev": {"f1": 0.5}, "train": {"steps": 7},
+                                                                "train_minutes": 1.5}))
+    runs = pipeline.ie_figures(tmp_path, {"pretrained": "ie", "scratch": "ie_scratch"})["runs"]
+    assert runs == {"pretrained": {"dev": {"f1": 0.5}, "steps": 7, "train_minutes": 1.5}}
 
 
 def test_gpu_profile_dry_run_runs_every_stage_through_accelerate_with_two_processes(tmp_path):

@@ -16,7 +16,7 @@ from config import EOS_ID, SPECIAL_TOKENS, UNK_ID, sentinel_token
 from conftest import ROOT, require_shared_data
 from model.tokenizer import (KEEP_CHARS, check_tokenizer, count_pieces, load_tokenizer, pre_tokenizer,
                              save_tokenizer, train_from_counts, train_tokenizer)
-from utils.tokenizer_counting import (CountStats, PieceCounts, PieceSplitter, chunk_piece, expand_inputs,
+from model.tokenizer_counting import (CountStats, PieceCounts, PieceSplitter, chunk_piece, expand_inputs,
                                       iter_range_lines, plan_units)
 
 ROUND_TRIP = [
@@ -154,7 +154,7 @@ def test_chunking_bounds_pieces_and_keeps_text():
 
 
 def test_byte_ranges_never_lose_or_repeat_lines(tmp_path):
-    import utils.tokenizer_counting as tc
+    import model.tokenizer_counting as tc
 
     rng = random.Random(5)
     files, expected = [], []
@@ -204,7 +204,7 @@ def test_thinning_bounds_the_table_and_keeps_counts_unbiased():
 
 
 def test_processes_count_exactly_what_one_process_counts(tmp_path, corpus_lines, monkeypatch):
-    import utils.tokenizer_counting as tc
+    import model.tokenizer_counting as tc
 
     monkeypatch.setattr(tc, "MIN_BYTES_PER_PROCESS", 1)  # small files: still start the worker processes
     contexts = []

@@ -48,20 +48,7 @@ __all__ = [
 
 _U32 = np.uint32
 _U64 = np.uint64
-_MASK32 = np.uint64(0xFFFFFFFF)
-_P1 = np.uint64(0x9E3779B97F4A7C15)
-_P2 = np.uint64(0xBF58476D1CE4E5B9)
-_P3 = np.uint64(0x94D049BB133111EB)
-
-
-def _mix64(h: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser (in place on a uint64 array)."""
-    h ^= h >> np.uint64(30)
-    h *= _P2
-    h ^= h >> np.uint64(27)
-    h *= _P3
-    h ^= h >> np.uint64(31)
-    return h
+_P1 = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (golden ratio) for multiplicative hashing
 
 
 # ------------------------------------------------------------------------------------------------ exact Jaccard

@@ -28,8 +28,13 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
+from rich.console import Console
+from rich.table import Table
 
 from config import DPOConfig
+from model.progress import track
+from model.tokenizer import load_tokenizer
+from utils.readers import Bad, read_dpo
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 _DEFAULT = DPOConfig()
@@ -80,7 +85,6 @@ def iter_preference_pairs(path: str | Path, counts: Optional[Counter] = None) ->
     joined exactly as in the SFT data); parquet files need prompt/chosen/rejected columns. Malformed records are
     skipped and counted under ``bad_record``; a file with no usable record is an error naming the first problem.
     """
-    from utils.readers import Bad, read_dpo
     counts = counts if counts is not None else Counter()
     p = Path(path)
     first_error, good = None, 0
@@ -168,8 +172,6 @@ def _write(rows: list[dict], path: Path, columns=("prompt", "chosen", "rejected"
 
 
 def _print_report(title: str, per_file: dict[str, Counter]) -> None:
-    from rich.console import Console
-    from rich.table import Table
     cols = {"read": "read", "bad_record": "bad", "skipped_empty": "empty", "skipped_same": "same",
             "skipped_duplicate": "dup", "skipped_too_long": "too long", "kept": "kept"}
     table = Table(title=title)
@@ -192,7 +194,6 @@ def build(inputs: str = "../shared/data/dpo", tokenizer_dir: str = "model_save/s
 
     Duplicates are removed across files (MedicalGPT ships the same pairs in two schemas).
     """
-    from model.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(tokenizer_dir)
     per_file: dict[str, Counter] = {}
     seen: set = set()
@@ -250,15 +251,14 @@ def read_prompt_answer(path: str | Path, counts: Counter, limit: int = 0) -> lis
 def generate_rejected(model, tokenizer, prompts: list[str], batch_size: int = 32, max_new_tokens: int = 128,
                       max_source_len: int = 256, show_progress: bool = True) -> list[str]:
     """Greedy answers of the SFT model for every prompt, in batches of similar length; order preserved."""
-    import torch
+    import torch  # torch and transformers load only for generation, not for `build`
 
-    from model.dpo import _progress
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     out: list[str] = [""] * len(prompts)
     model.eval()
-    for b in _progress(batches, "generating rejected answers", enabled=show_progress):
+    for b in track(batches, "generating rejected answers", enabled=show_progress):
         enc = tokenizer([prompts[i] for i in b], padding=True, truncation=True, max_length=max_source_len,
                         return_tensors="pt")
         with torch.no_grad():
@@ -275,12 +275,12 @@ def generate(sft_model_dir: str = "model_save/sft", input_file: str = "data/gene
              max_target_len: int = _DEFAULT.max_target_len, limit: int = 0, device: str = "auto",
              num_threads: int = 0) -> dict:
     """prompt/response data -> prompt/chosen/rejected with ``rejected`` written by the SFT model (greedy)."""
-    import torch
+    import torch  # torch and transformers load only for generation, not for `build`
+    from transformers.utils import logging as hf_logging
 
     from model.checkpoint import load_model_folder
     if num_threads > 0:
         torch.set_num_threads(num_threads)
-    from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     model, tokenizer = load_model_folder(sft_model_dir, device=device)
     counts: Counter = Counter()

@@ -24,6 +24,7 @@ Rows stream through: read -> map -> clean -> filter -> exact dedup -> near dedup
 from __future__ import annotations
 
 import copy
+import fnmatch
 import glob
 import json
 import logging
@@ -47,6 +48,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ujson
 import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from utils.dedup import DropDatasetDuplicate, ExactDeduper
 from utils.readers import Bad, Rec, SourceFileError, conversation_to_pairs, get_reader, join_history, normalize_turns
@@ -235,8 +239,6 @@ def _resolve_files(src: dict, root: Path) -> list[str]:
     excl = src.get("exclude") or []
     excl = [excl] if isinstance(excl, str) else excl
     if excl:
-        import fnmatch
-
         files = [f for f in files if not any(fnmatch.fnmatch(f, e if os.path.isabs(e) else str(root / e))
                                              or fnmatch.fnmatch(os.path.basename(f), e) for e in excl)]
     seen = set()
@@ -939,8 +941,6 @@ def run_pipeline(config_path, output_dir: str | os.PathLike | None = None, **ove
     progress = None
     try:
         if cfg.get("progress", True):
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("files"), TimeElapsedColumn())
             progress.start()
@@ -999,9 +999,6 @@ def run_pipeline(config_path, output_dir: str | os.PathLike | None = None, **ove
 
 
 def _print_summary(report: dict):
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console(width=max(Console().width, 150))
     t = Table(title=f"data stage: {report['output_dir']}")
     heads = ["source", "read", "kept", "bad", "short", "long", "filter", "exact", "near", "chars in", "chars out"]

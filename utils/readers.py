@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 
 import ujson
 
+from model.prompt import join_history
 from utils.text_cleaning import strip_ansi, troff_to_text
 
 __all__ = [
@@ -1095,7 +1096,6 @@ def read_ie(path: str, **opts) -> Iterator[Rec | Bad]:
 # ================================================================================================ conversations
 _USER_ROLES = {"human", "user", "prompter", "question"}
 _ASSISTANT_ROLES = {"gpt", "assistant", "bot", "chatgpt", "model", "answer"}
-ROLE_LABELS = {"user": "用户", "assistant": "助手", "system": "系统"}
 
 
 def normalize_turns(conv: list) -> list[tuple[str, str]]:
@@ -1118,18 +1118,6 @@ def normalize_turns(conv: list) -> list[tuple[str, str]]:
             role = "user" if role in ("observation", "function", "tool") else role or "user"
         out.append((role, str(text)))
     return out
-
-
-def join_history(history: list[tuple[str, str]], question: str, system: str = "") -> str:
-    """The prompt for a multi-turn sample: with no history it is the question itself; otherwise every earlier
-    turn on its own line as ``用户：...`` / ``助手：...`` followed by ``用户：<question>`` (a system text, if any,
-    comes first as ``系统：...``)."""
-    if not history and not system:
-        return question
-    lines = [f"{ROLE_LABELS['system']}：{system}"] if system else []
-    lines += [f"{ROLE_LABELS.get(r, r)}：{t}" for r, t in history]
-    lines.append(f"{ROLE_LABELS['user']}：{question}")
-    return "\n".join(lines)
 
 
 def conversation_to_pairs(turns: list[tuple[str, str]], mode: str = "last") -> list[tuple[str, str]]:

@@ -12,8 +12,8 @@ Every function here takes a ``str`` and returns a ``str``; :func:`clean_text` ch
 * ANSI escape sequences, C0/C1 control characters, HTML tags/entities (when asked), troff markup (man pages).
 * Runs of the same punctuation mark collapse to one (``！！！`` -> ``！``, ``。。。。`` -> ``。``; repeated ASCII
   marks only right after Chinese text, so ``for(;;)``, ``a ?? b``, ``~~del~~`` survive); ellipses are kept
-  (``……``, ``...``).  Letters are never treated as punctuation (the reference's set contained ``s`` and
-  ``n``), spaces are never turned into ``，``.
+  (``……``, ``...``).  Letters are never treated as punctuation and spaces are never turned into ``，``:
+  either would corrupt English words and numbers inside Chinese text.
 * Whitespace: runs of spaces/tabs inside a line become one space (indentation at a line start is kept, so
   code keeps its structure), a space between two CJK characters/marks is removed, spaces at line ends are
   removed, newlines are kept (3+ become 2).
@@ -513,8 +513,8 @@ def title_desc_prompt(title: str, desc: str, threshold: float = 0.90, prefer: st
 
     If title and description are near-identical (character-set Dice >= ``threshold``) keep only one of them
     (``prefer``: ``"title"``, ``"desc"`` or ``"longer"``); otherwise the prompt is the title followed by the
-    description.  Unlike the reference, the two parts are separated by a newline unless the title already ends
-    with a sentence mark, so the title's last word does not run into the description.
+    description, separated by a newline unless the title already ends with a sentence mark, so the title's
+    last word does not run into the description.
     """
     title, desc = (title or "").strip(), (desc or "").strip()
     if not desc:

@@ -25,6 +25,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pandas as pd
+from rich.console import Console
+
+from model.tokenizer import load_tokenizer
 
 PROMPT_PREFIX = "请抽取出给定句子中的所有三元组。给定句子："
 Triple = tuple[str, str, str]
@@ -181,11 +184,9 @@ def process(train_file: str, dev_file: Optional[str] = None, out_dir: str = "dat
 
     The dev file stays untouched for the final P/R/F1; ``valid.parquet`` is what the trainer watches.
     """
-    from rich.console import Console
     console = Console()
     tok = None
     if tokenizer_dir:
-        from model.tokenizer import load_tokenizer
         tok = load_tokenizer(tokenizer_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

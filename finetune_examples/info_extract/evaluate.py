@@ -21,9 +21,13 @@ from typing import Iterable, Optional, Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import pandas as pd
 import torch
+from rich.progress import Progress
 
 from config import PAD_ID, PROJECT_ROOT
+from finetune_examples.info_extract.data_process import format_triples, make_prompt, read_ie_file
+from model.checkpoint import load_model_folder
 
 Triple = tuple[str, str, str]
 _QUOTES = "'\"‘’“”「」『』`"
@@ -35,10 +39,6 @@ def canonical(s: str) -> str:
     s = unicodedata.normalize("NFKC", s or "")
     s = re.sub(r"\s+", "", s)
     return s.strip(_QUOTES).lower()
-
-
-def canonical_triple(t: Sequence[str]) -> Triple:
-    return tuple(canonical(x) for x in t)  # type: ignore[return-value]
 
 
 def _parts(body: str) -> list[str]:
@@ -143,7 +143,6 @@ def score_texts(predictions: Sequence[str], references: Sequence[str]) -> dict:
 def generate_responses(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max_new_tokens: int = 128,
                        max_source_len: int = 256, search_type: str = "greedy", progress: bool = True) -> list[str]:
     """Batched generation through ``my_generate``; prompts sorted by length so batches carry little padding."""
-    from rich.progress import Progress
     device = next(model.parameters()).device
     model.eval()
     enc = [tokenizer(p, truncation=True, max_length=max_source_len)["input_ids"] for p in prompts]
@@ -170,14 +169,12 @@ def load_test_file(test_file: str | Path, limit: Optional[int] = None) -> tuple[
     """(prompts, reference responses) from a prompt/response parquet or a raw DuIE/SKE file."""
     p = Path(test_file)
     if p.suffix == ".parquet":
-        import pandas as pd
         df = pd.read_parquet(p)
         missing = {"prompt", "response"} - set(df.columns)
         if missing:
             raise ValueError(f"{p}: missing column(s) {', '.join(sorted(missing))}")
         prompts, refs = df["prompt"].astype(str).tolist(), df["response"].astype(str).tolist()
     else:
-        from finetune_examples.info_extract.data_process import format_triples, make_prompt, read_ie_file
         pairs = list(read_ie_file(p))
         prompts, refs = [make_prompt(t) for t, _ in pairs], [format_triples(tr) for _, tr in pairs]
     if limit:
@@ -191,7 +188,6 @@ def evaluate(model_dir: str = "model_save/ie", test_file: str = "data/generated/
              num_threads: int = 2, device: str = "auto", model=None, tokenizer=None,
              progress: bool = True) -> dict:
     """Generate for every test prompt, parse, score; writes predictions (JSON lines) next to the model."""
-    from model.checkpoint import load_model_folder
     torch.set_num_threads(max(1, num_threads))
     if model is None or tokenizer is None:
         md = Path(model_dir)

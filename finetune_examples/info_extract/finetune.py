@@ -14,6 +14,7 @@ token limits are dropped and counted); (3) ``model.trainer.train`` (every TrainC
 """
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import sys
@@ -24,22 +25,24 @@ from typing import Optional
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from config import MODEL_PRESETS, SHARED_DATA
+from config import MODEL_PRESETS, SHARED_DATA, TrainConfig, config_help, run_cli
+from finetune_examples.info_extract.data_process import format_triples, make_prompt, process, read_ie_file
+from finetune_examples.info_extract.evaluate import evaluate
+from model.tokenizer import save_tokenizer, train_tokenizer
+from model.trainer import train, train_config
 
 DUIE = SHARED_DATA / "ie" / "duie"
 
 # Trainer settings for this task; any TrainConfig field given on the command line wins.
 IE_TRAIN_DEFAULTS = dict(
     epochs=3, batch_size_per_gpu=16, learning_rate=5e-4, lr_scheduler="cosine", warmup_steps=0.05,
-    max_source_len=192, max_target_len=128, save_steps=100_000, eval_steps=100_000, logging_steps=20,
+    max_source_len=192, max_target_len=128, save_steps=0, eval_steps=0, logging_steps=20,  # 0: off
     bleu_samples=0, log_with="none", num_threads=2, cpu=False,
 )
 
 
 def build_tokenizer(train_file: str | Path, out_dir: str | Path, vocab_size: int = 8192):
     """A char-BPE tokenizer on the training sentences and their responses (for a random-init model)."""
-    from finetune_examples.info_extract.data_process import format_triples, make_prompt, read_ie_file
-    from model.tokenizer import save_tokenizer, train_tokenizer
     texts = []
     for text, triples in read_ie_file(train_file):
         texts += [make_prompt(text), format_triples(triples)]
@@ -60,10 +63,6 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
     measures seconds per step on this machine, then the real run gets as many steps as fit (the LR schedule
     must know its length in advance, so the run is sized rather than cut).
     """
-    from finetune_examples.info_extract.data_process import process
-    from finetune_examples.info_extract.evaluate import evaluate
-    from model.trainer import train, train_config
-
     t0, cpu0 = time.perf_counter(), time.process_time()
     out = Path(output_dir)
     if init_from:
@@ -139,17 +138,20 @@ def _print(result: dict) -> None:
 
 
 def main(**kw):
+    """Fine-tune and score (``demo`` as the first word: the few-second demo on the embedded examples)."""
+    if kw.get("help") or kw.get("h"):
+        opts = [f"  --{n:<26s} default {p.default!r}" for n, p in inspect.signature(finetune).parameters.items()
+                if p.kind is p.KEYWORD_ONLY or p.default is not p.empty]
+        print("finetune.py options:\n" + "\n".join(opts) + "\n\nand every TrainConfig field (defaults: "
+              f"IE_TRAIN_DEFAULTS in this file):\n{config_help(TrainConfig)}")
+        return
     _print(finetune(**kw))
 
 
 def main_demo(**kw):
+    """The demo: a few seconds on the 8 embedded examples (a fit to the training examples, not a test)."""
     _print(demo(**kw))
 
 
 if __name__ == "__main__":
-    import fire
-    if len(sys.argv) > 1 and sys.argv[1] == "demo":
-        sys.argv.pop(1)
-        fire.Fire(main_demo)
-    else:
-        fire.Fire(main)
+    run_cli(main, demo=main_demo)

@@ -1,7 +1,6 @@
 """The HTTP API: the reference's ``POST /api/chat`` plus an OpenAI-compatible ``/v1/chat/completions``.
 
-Safe under load, unlike the reference (one shared streamer, generation blocking the event loop, an auth header
-demanded even with no key):
+Safe under load:
 * generation runs in a thread pool of ``max_concurrency`` workers, never on the event loop; at most
   ``max_queue`` more requests wait, beyond that the answer is 503 with ``Retry-After``;
 * each request has its own streamer and cancel event: a client that disconnects stops its generation at the
@@ -24,6 +23,8 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
+import httpx
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -483,7 +484,6 @@ def get_state(app) -> ServerState:
 # ------------------------------------------------------------------------------------------ running
 def serve(cfg: InferConfig) -> None:
     """Load the model and serve until Ctrl-C (``python api_demo.py``)."""
-    import uvicorn
     bot = ChatBot(cfg)
     app = create_app(bot)
     auth = "on" if get_state(app).api_key else "off (set --api_key or CHATLM_API_KEY to require a key)"
@@ -504,7 +504,6 @@ class ServerThread:
         return f"http://{self.host}:{self.port}"
 
     def __enter__(self) -> "ServerThread":
-        import uvicorn
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
@@ -534,7 +533,6 @@ def sample_exchange(model_dir: str, prompt: str = "你好", max_new_tokens: int 
 
     What ``make demo`` prints to show the API; takes a few seconds.
     """
-    import httpx
     bot = ChatBot(model_dir=model_dir, max_new_tokens=max_new_tokens, **overrides)
     lines = []
     with ServerThread(create_app(bot)) as srv, httpx.Client(base_url=srv.url, timeout=120) as client:
@@ -551,7 +549,7 @@ def sample_exchange(model_dir: str, prompt: str = "你好", max_new_tokens: int 
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m utils.api_server --model_dir=model_save/demo
+if __name__ == "__main__":  # python -m model.server --model_dir=model_save/demo: one sample exchange
     import fire
     fire.Fire(lambda model_dir="model_save/demo", prompt="你好", max_new_tokens=64: print(
         sample_exchange(model_dir, prompt=prompt, max_new_tokens=max_new_tokens)))

@@ -1,8 +1,8 @@
-"""The pipeline's report card: one Markdown page with plots, built only from what the stages wrote.
+"""The pipeline's report card: one Markdown page with plots, gathered from the stages' ``summary.json`` files.
 
-Nothing here recomputes or invents a figure: every number is read from a stage's own output (data report.json,
-trainer metrics.jsonl, DPO metrics, C-Eval results, IE scores, the pipeline's stage markers). A stage that did
-not run shows as "not run".
+Nothing here computes a figure: every number comes from a stage's summary (written by ``pipeline.py`` next to
+the stage's output), and the curves from the metrics file a summary names. A stage without a summary shows as
+"not run".
 """
 from __future__ import annotations
 
@@ -25,6 +25,26 @@ def _load(path: Path) -> Optional[dict]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def gather(root: Path) -> dict[str, dict]:
+    """{stage name: its summary} for every ``summary.json`` under ``root``; each gets ``_dir``, its folder."""
+    out = {}
+    for f in sorted(Path(root).rglob("summary.json")):
+        s = _load(f)
+        if isinstance(s, dict) and s.get("stage"):
+            out[s["stage"]] = dict(s, _dir=f.parent)
+    return out
+
+
+def _figures(summaries: dict, stage: str) -> dict:
+    return (summaries.get(stage) or {}).get("figures") or {}
+
+
+def _metrics_file(summaries: dict, stage: str) -> Optional[Path]:
+    s = summaries.get(stage) or {}
+    name = (_figures(summaries, stage).get("files") or {}).get("metrics")
+    return s["_dir"] / name if name and (s["_dir"] / name).is_file() else None
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -68,9 +88,9 @@ def _bar_png(labels: list[str], series: dict[str, list[float]], png: Path, title
     plt.close(fig)
 
 
-def data_section(root: Path, plots: Path) -> str:
-    rep = _load(root / "data" / "report.json")
-    if not rep:
+def data_section(summaries: dict, plots: Path) -> str:
+    rep = _figures(summaries, "data")
+    if not rep.get("sources") or not rep.get("totals"):
         return "## Data\n\nnot run\n"
     reasons = list(next(iter(rep["sources"].values()))["dropped"].keys()) if rep["sources"] else []
     rows = []
@@ -85,39 +105,28 @@ def data_section(root: Path, plots: Path) -> str:
     for r in reasons:
         series[f"dropped: {r}"] = [rep["sources"][n]["dropped"][r] for n in names]
     _bar_png(names, series, plots / "data_counts.png", "rows by source: kept and dropped by reason")
-    outputs = ", ".join(f"`{k}` {_fmt(v)}" for k, v in rep.get("outputs", {}).items())
+    outputs = ", ".join(f"`{k}` {_fmt(v)}" for k, v in (rep.get("outputs") or {}).items())
     return ("## Data\n\n" + _table(["source", "read", "kept"] + reasons + ["chars in", "chars out"], rows)
             + f"\n\nOutputs: {outputs}. Read = kept + dropped: {t.get('adds_up')}.\n\n"
             + "![data counts](plots/data_counts.png)\n")
 
 
-def tokenizer_section(root: Path) -> str:
-    tok_dir = root / "tokenizer"
-    stats = _load(tok_dir / "training_stats.json") or {}
-    if not (tok_dir / "tokenizer.json").is_file():
+def tokenizer_section(summaries: dict) -> str:
+    f = _figures(summaries, "tokenizer")
+    if not f:
         return "## Tokenizer\n\nnot run\n"
-    from model.tokenizer import load_tokenizer
-    import pandas as pd
-    tok = load_tokenizer(tok_dir)
-    cpt = None
-    valid = root / "data" / "my_valid_dataset.parquet"
-    if valid.is_file():
-        df = pd.read_parquet(valid).head(1000)
-        texts = [t for t in list(df["prompt"]) + list(df["response"]) if isinstance(t, str) and t]
-        n_tok = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
-        cpt = sum(len(t) for t in texts) / max(1, n_tok)
-    lines = [f"- vocabulary: {len(tok):,} tokens ({stats.get('token_type', tok.init_kwargs.get('token_type', '?'))}"
-             f" level)",
+    cpt = f.get("chars_per_token")
+    lines = [f"- vocabulary: {_fmt(f.get('vocab_size'))} tokens ({f.get('token_type') or '?'} level)",
              f"- characters per token on the validation split: {_fmt(cpt) if cpt else 'n/a'}",
-             f"- distinct pieces counted: {_fmt(stats.get('distinct_pieces'))}, texts: {_fmt(stats.get('texts'))}"]
+             f"- distinct pieces counted: {_fmt(f.get('distinct_pieces'))}, texts: {_fmt(f.get('texts'))}"]
     return "## Tokenizer\n\n" + "\n".join(lines) + "\n"
 
 
-def curves_section(root: Path, plots: Path) -> str:
+def curves_section(summaries: dict, plots: Path) -> str:
     parts = ["## Training curves\n"]
     for stage in ("pretrain", "sft", "dpo"):
-        m = root / stage / "metrics.jsonl"
-        if not m.is_file():
+        m = _metrics_file(summaries, stage)
+        if m is None:
             parts.append(f"- {stage}: not run")
             continue
         rows = read_jsonl(m)
@@ -135,16 +144,15 @@ def curves_section(root: Path, plots: Path) -> str:
     return "\n".join(parts) + "\n"
 
 
-def quality_section(root: Path, plots: Path) -> str:
+def quality_section(summaries: dict, plots: Path) -> str:
     """Held-out bits per character of each trained stage against the character baselines (model/quality.py)."""
     rows, curves, bases = [], {}, {}
     for stage in ("pretrain", "sft"):
-        m = root / stage / "metrics.jsonl"
-        if not m.is_file():
+        m = _metrics_file(summaries, stage)
+        if m is None:
             continue
-        recs = read_jsonl(m)
-        evals = [(r["step"], r["eval_bpc"]) for r in recs if "eval_bpc" in r]
-        b = next((r for r in recs if "baseline_bigram_bpc" in r), {})
+        evals = [(r["step"], r["eval_bpc"]) for r in read_jsonl(m) if "eval_bpc" in r]
+        b = _figures(summaries, stage)
         if not evals:
             continue
         curves[stage], bases[stage] = evals, b
@@ -180,9 +188,9 @@ def quality_section(root: Path, plots: Path) -> str:
                               "bigram - final"], rows) + "\n\n![bpc](plots/bpc.png)\n")
 
 
-def dpo_section(root: Path) -> str:
-    m = root / "dpo" / "metrics.jsonl"
-    if not m.is_file():
+def dpo_section(summaries: dict) -> str:
+    m = _metrics_file(summaries, "dpo")
+    if m is None:
         return "## DPO\n\nnot run\n"
     rows = read_jsonl(m)
     keys = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
@@ -201,12 +209,12 @@ def dpo_section(root: Path) -> str:
             + note)
 
 
-def ceval_section(root: Path, plots: Path) -> str:
-    res = _load(root / "eval" / "ceval" / "results.json")
-    if not res:
+def ceval_section(summaries: dict, plots: Path) -> str:
+    res = _figures(summaries, "ceval")
+    if not res.get("overall"):
         return "## C-Eval\n\nnot run\n"
-    overall = res.get("overall", {})
-    cats = res.get("per_category", {})
+    overall = res["overall"]
+    cats = res.get("per_category") or {}
     rows = [[c, _fmt(v.get("subjects")), _fmt(v.get("n")), _fmt(v.get("accuracy"))] for c, v in cats.items()]
     plot = ""
     if cats:
@@ -220,26 +228,23 @@ def ceval_section(root: Path, plots: Path) -> str:
             + _table(["category", "subjects", "questions", "accuracy"], rows) + "\n" + plot)
 
 
-def ie_section(root: Path) -> str:
-    runs = {name: _load(root / folder / "ie_scores.json") for name, folder in
-            (("from the pretrained model", "ie"), ("from random init, same budget", "ie_scratch"))}
-    runs = {k: v for k, v in runs.items() if v and isinstance(v.get("dev"), dict)}
+def ie_section(summaries: dict) -> str:
+    runs = _figures(summaries, "ie").get("runs") or {}
     if not runs:
         return "## Triple extraction\n\nnot run\n"
     keys = ("precision", "recall", "f1", "tp", "n_pred", "n_gold", "sentences", "unparsed")
     rows = [[k] + [_fmt(r["dev"].get(k)) for r in runs.values()] for k in keys]
-    rows.append(["training steps"] + [_fmt((r.get("train") or {}).get("steps")) for r in runs.values()])
+    rows.append(["training steps"] + [_fmt(r.get("steps")) for r in runs.values()])
     rows.append(["wall minutes (data, probe, training)"] + [_fmt(r.get("train_minutes"), 1) for r in runs.values()])
     return ("## Triple extraction\n\nMicro P/R/F1 on DuIE dev sentences never trained on; both runs have the "
             "same wall-clock budget, so the gap is what pretraining is worth.\n\n"
             + _table(["metric"] + list(runs), rows) + "\n")
 
 
-def chat_section(root: Path) -> str:
-    marker = _load(root / "stages" / "chat.json")
-    if not marker or not marker.get("result"):
+def chat_section(summaries: dict) -> str:
+    res = _figures(summaries, "chat")
+    if not res.get("samples"):
         return "## Sample chats\n\nnot run\n"
-    res = marker["result"]
     parts = ["## Sample chats\n"]
     if res.get("heldout"):
         n_ok = sum(h["correct"] for h in res["heldout"])
@@ -257,13 +262,11 @@ def chat_section(root: Path) -> str:
     return "\n".join(parts) + "\n"
 
 
-def stages_section(root: Path) -> str:
+def stages_section(summaries: dict) -> str:
     rows, total = [], 0.0
-    for f in sorted((root / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
-        m = _load(f) or {}
+    for m in sorted(summaries.values(), key=lambda m: m.get("finished", "")):
         total += m.get("wall_s") or 0.0
-        rows.append([m.get("stage", f.stem), _fmt(m.get("wall_s"), 1), _fmt(m.get("peak_rss_mb"), 0),
-                     m.get("finished", "")])
+        rows.append([m["stage"], _fmt(m.get("wall_s"), 1), _fmt(m.get("peak_rss_mb"), 0), m.get("finished", "")])
     return ("## Wall time and peak memory per stage\n\n" + _table(["stage", "wall s", "peak RSS MB", "finished"], rows)
             + f"\n\nTotal: {total:.0f} s ({total / 60:.1f} min). Peak RSS is the stage's own process tree "
             "(empty for stages run inside the pipeline process).\n")
@@ -291,9 +294,11 @@ def write_report_card(cfg) -> Path:
     root = Path(cfg.root)
     plots = root / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    sections = [f"# Report card: profile `{cfg.profile}`\n", data_section(root, plots), tokenizer_section(root),
-                quality_section(root, plots), curves_section(root, plots), dpo_section(root), ceval_section(root, plots), ie_section(root),
-                chat_section(root), stages_section(root), versions_section(cfg)]
+    summaries = gather(root)
+    sections = [f"# Report card: profile `{cfg.profile}`\n", data_section(summaries, plots),
+                tokenizer_section(summaries), quality_section(summaries, plots), curves_section(summaries, plots),
+                dpo_section(summaries), ceval_section(summaries, plots), ie_section(summaries),
+                chat_section(summaries), stages_section(summaries), versions_section(cfg)]
     out = root / "report.md"
     out.write_text("\n".join(sections), encoding="utf-8")
     if cfg.publish_dir:

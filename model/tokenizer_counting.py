@@ -2,7 +2,7 @@
 
 Why this exists: a BPE trainer keeps every distinct pre-tokenised "word" of its corpus, with a few dozen bytes
 per character of it. Chinese has no spaces, so a word is a whole clause, nearly every clause is distinct, and
-memory grows with the corpus (the reference project needed 48-60 GB of RAM for 2 GB of text). Here:
+memory grows with the corpus (tens of GB of RAM for a few GB of text). Here:
 
 1. pieces longer than ``chunk_chars`` characters (long CJK runs) are cut into chunks of that length before
    counting. Tokens are a few characters long, and a cut removes one character pair per chunk at a place that
@@ -11,7 +11,7 @@ memory grows with the corpus (the reference project needed 48-60 GB of RAM for 2
 2. the table of counts holds at most ``max_pieces`` entries. When it passes the cap it is thinned by
    threshold sampling: a piece whose weight is at least ``tau`` stays with its exact weight, a lighter piece
    stays with probability ``weight / tau`` and then weighs ``tau``. Every weight stays an unbiased estimate of
-   the true count, so pair statistics stay unbiased, and memory no longer depends on the corpus size.
+   the true count, so pair statistics stay unbiased, and memory does not depend on the corpus size.
    While the table stays under the cap the counts are exact;
 3. the inputs are cut into byte ranges (text and jsonl, at line starts) and row groups (parquet), worker
    processes count them, and the parent merges their tables with the same thinning.
@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+
+from model.progress import progress_bar
 
 FEED_SEP = "\x00"  # joins a batch of texts for the counting regex; removed from the input texts
 MAX_TEXT_CHARS = 1 << 16  # longer texts are counted in windows, so one huge line cannot blow up memory
@@ -577,10 +579,11 @@ def count_files(inputs, splitter: PieceSplitter, *, columns: Optional[Sequence[s
     parts = plan_units(files, num_proc)
     total = sum(u.size for p in parts for u in p)
     table = PieceCounts(max_pieces, seed=seed)
-    progress = _progress(show_progress, total, f"counting pieces ({len(files)} files, {len(parts)} processes)")
+    progress = progress_bar(bytes_done=True, disable=not show_progress)
+    label = f"counting pieces ({len(files)} files, {len(parts)} processes)"
     if len(parts) == 1:  # no process to start
         with progress as bar:
-            task = bar.add_task("count", total=total)
+            task = bar.add_task(label, total=total)
             for u in parts[0]:
                 count_texts(iter_unit_texts(u, columns, table.stats, lambda n: bar.advance(task, n)),
                             splitter, table)
@@ -595,7 +598,7 @@ def count_files(inputs, splitter: PieceSplitter, *, columns: Optional[Sequence[s
         p.start()
     try:
         with progress as bar:
-            task = bar.add_task("count", total=total)
+            task = bar.add_task(label, total=total)
             done = 0
             while done < len(procs):
                 try:
@@ -620,28 +623,6 @@ def count_files(inputs, splitter: PieceSplitter, *, columns: Optional[Sequence[s
             if p.is_alive():
                 p.terminate()
     return table
-
-
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def advance(self, *a, **k):
-        pass
-
-
-def _progress(show: bool, total: int, label: str):
-    if not show:
-        return _NoProgress()
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn())
 
 
 # ------------------------------------------------------------------------------------------ feeding

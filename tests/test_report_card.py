@@ -1,0 +1,60 @@
+"""The report card gathers the stages' summary.json files and nothing else; absent stages say "not run"."""
+from __future__ import annotations
+
+import json
+
+from config import PIPELINE_PROFILES, PipelineConfig, make_config
+from eval.report_card import gather, write_report_card
+
+
+def _summary(folder, stage: str, figures: dict, wall_s: float = 1.0, finished: str = "2026-12-01 10:00:00"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps({"stage": stage, "commands": [], "wall_s": wall_s,
+                                                     "peak_rss_mb": 100.0, "finished": finished,
+                                                     "figures": figures}), encoding="utf-8")
+
+
+def test_report_card_gathers_summaries_and_publishes_text_and_plots(tmp_path):
+    root = tmp_path / "root"
+    rows = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3} for s in range(1, 21)] + [{"step": 20, "eval_loss": 3.5}]
+    (root / "sft").mkdir(parents=True)
+    (root / "sft" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _summary(root / "sft", "sft", {"loss": 3.0, "files": {"metrics": "metrics.jsonl"}}, wall_s=30.0)
+    _summary(root / "eval" / "ceval", "ceval", {
+        "overall": {"subjects": 2, "n": 40, "accuracy": 0.3125, "chance": 0.25, "chance_interval_95": [0.12, 0.38]},
+        "per_category": {"STEM": {"subjects": 1, "n": 20, "accuracy": 0.35},
+                         "Other": {"subjects": 1, "n": 20, "accuracy": 0.275}}}, wall_s=12.0,
+             finished="2026-12-01 11:00:00")
+    _summary(root / "ie", "ie", {"runs": {"from the pretrained model": {
+        "dev": {"precision": 0.5, "recall": 0.25, "f1": 0.333}, "steps": 40, "train_minutes": 2.0}}})
+    _summary(root / "chat", "chat", {"heldout": [{"prompt": "3加5", "answer": "8", "expected": "8", "correct": True}],
+                                     "samples": [{"prompt": "你好", "answer": "你好", "top_token_share": 0.5}],
+                                     "degenerate": 1, "distinct_2": 0.5, "generation": "max_new_tokens 64"})
+    (root / "model.safetensors").write_bytes(b"weights")
+    assert set(gather(root)) == {"sft", "ceval", "ie", "chat"}
+    cfg = make_config(PipelineConfig, "demo", PIPELINE_PROFILES, root=str(root), publish_dir=str(tmp_path / "docs"))
+    text = write_report_card(cfg).read_text(encoding="utf-8")
+    assert "last loss 3.000" in text and "last eval loss 3.500" in text
+    assert "| STEM | 1 | 20 | 0.350 |" in text and "average accuracy 0.312" in text
+    assert "| f1 | 0.333 |" in text and "| training steps | 40 |" in text
+    assert "1 of 1 correct" in text and "distinct-2 over the answers: 0.500" in text
+    assert "## Data\n\nnot run" in text and "## Tokenizer\n\nnot run" in text  # absent stages say so
+    assert "| sft | 30.0 | 100 |" in text and "Total: 44 s" in text
+    published = sorted(p.relative_to(tmp_path / "docs").as_posix() for p in (tmp_path / "docs").rglob("*")
+                       if p.is_file())
+    assert published == ["plots/ceval_categories.png", "plots/sft_curves.png", "report.md"]
+
+
+def test_data_and_tokenizer_sections_come_from_their_summaries(tmp_path):
+    root = tmp_path / "root"
+    dropped = {"empty": 1, "duplicate": 2}
+    _summary(root / "data", "data", {"sources": {"a": {"rows_read": 10, "kept": 7, "dropped": dropped,
+                                                       "chars_in": 100, "chars_out": 70}},
+                                     "totals": {"rows_read": 10, "kept": 7, "dropped": dropped, "chars_in": 100,
+                                                "chars_out": 70, "adds_up": True},
+                                     "outputs": {"my_train_dataset.parquet": 7}})
+    _summary(root / "tokenizer", "tokenizer", {"vocab_size": 1024, "token_type": "char", "chars_per_token": 1.5,
+                                               "distinct_pieces": 300, "texts": 10})
+    text = write_report_card(make_config(PipelineConfig, "demo", PIPELINE_PROFILES, root=str(root))).read_text()
+    assert "| a | 10 | 7 | 1 | 2 | 100 | 70 |" in text and "Read = kept + dropped: True" in text
+    assert "vocabulary: 1,024 tokens (char level)" in text and "characters per token on the validation split: 1.500" in text
