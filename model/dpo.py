@@ -30,7 +30,8 @@ from torch import nn
 from config import DPOConfig, asdict
 from model.chat_model import TextToTextModel
 from model.checkpoint import check_model_folder, publish_model, save_model_folder
-from model.engine import Objective, run, track, write_json
+from model.engine import Objective, run, write_json
+from model.progress import track
 from model.preference_data import (PairBatches, PreferenceDataset, collate_pairs, epoch_batches,  # noqa: F401
                                    read_preference_file)
 from model.tokenizer import load_tokenizer
@@ -127,7 +128,7 @@ def merge_lora(adapter_dir: str | Path, output_dir: str | Path, base_model_dir: 
     adir = Path(adapter_dir)
     if not (adir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adir} holds no adapter_config.json: pass the folder a LoRA DPO run wrote "
-                                f"(dpo_train.py train --use_lora=True --output_dir=...)")
+                                f"(dpo_train.py --use_lora=True --output_dir=...)")
     base_dir = base_model_dir or PeftConfig.from_pretrained(str(adir)).base_model_name_or_path
     if not base_dir:
         raise ValueError(f"{adir}/adapter_config.json names no base model: pass --base_model_dir")

@@ -24,6 +24,7 @@ from config import asdict
 from model.chat_model import optimizer_groups
 from model.checkpoint import latest_checkpoint, load_run_state, save_run_state
 from model.logging_utils import MetricsLogger
+from model.progress import progress_bar
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "constant", "linear")
@@ -162,22 +163,6 @@ class StopFlag:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
-
-
-def progress_bar(label: str, enabled: bool, transient: bool = False):
-    """The rich bar every long loop shows (steps done / total, time left, a free text field)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    TextColumn("{task.fields[info]}"), disable=not enabled, transient=transient)
-
-
-def track(items, label: str, enabled: bool = True):
-    """Iterate ``items`` under a transient progress bar."""
-    with progress_bar(label, enabled, transient=True) as bar:
-        task = bar.add_task(label, total=len(items), info="")
-        for it in items:
-            yield it
-            bar.advance(task)
 
 
 def param_checksum(model) -> str:
@@ -377,7 +362,7 @@ class Trainer:
         self.module.train()
         t0, c0 = time.perf_counter(), time.process_time()
         self.window_t, self.epoch, stopped_by = time.perf_counter(), 0, None
-        self.bar = progress_bar(self.obj.name, self.is_main and cfg.show_progress)
+        self.bar = progress_bar(info=True, disable=not (self.is_main and cfg.show_progress))
         with StopFlag() as stop, self.bar:
             self.task = self.bar.add_task(self.obj.name, total=total, completed=start, info="")
             while self.state["step"] < total:

@@ -64,3 +64,16 @@ def test_sft_with_freeze(tiny_model_dir, demo_data, tmp_path):
                        before["encoder.block.0.layer.0.SelfAttention.q.weight"])
     assert not torch.equal(after["decoder.block.0.layer.0.SelfAttention.q.weight"],
                            before["decoder.block.0.layer.0.SelfAttention.q.weight"])
+
+
+def test_zero_intervals_mean_off_in_both_trainers(tok_dir, demo_data, tmp_path):
+    """--save_steps=0 --eval_steps=0 --logging_steps=0: no checkpoints and no interval logging, the run still
+    finishes and exports its model (project trainer and Seq2SeqTrainer alike)."""
+    from model.trainer import train
+    zero = dict(save_steps=0, eval_steps=0, logging_steps=0, valid_file=demo_data["sft_valid"], max_eval_samples=8,
+                bleu_samples=0)
+    hf = hf_train(train_config("pretrain", **kw(tok_dir, demo_data, tmp_path / "hf", **zero)))
+    assert hf["steps"] == 6 and not list((tmp_path / "hf").glob("checkpoint-*"))
+    ours = train(train_config("pretrain", **kw(tok_dir, demo_data, tmp_path / "ours", **zero)))
+    assert ours["steps"] == 6 and not (tmp_path / "ours" / "checkpoints").exists()
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "ours" / "model.safetensors").is_file()
