@@ -216,8 +216,11 @@ class InferConfig:
     port: int = 8812  # API: port
     api_key: Optional[str] = None  # or env CHATLM_API_KEY; None means no auth
     max_body_bytes: int = 64 * 1024  # API: larger request bodies get 413
-    max_concurrency: int = 2  # API: requests decoded at once
+    max_concurrency: int = 16  # API: requests decoded at once (in one shared batch, or worker threads)
     max_queue: int = 16  # API: requests waiting beyond that get 503
+    batching: bool = True  # API: greedy/sampling requests share each decoder step (torch engine); False: one per thread
+    max_n: int = 4  # API: most choices (n) one request may ask for
+    cors_origins: Any = None  # API: browser origins allowed to call it, comma-separated ("*": any); None: no CORS
     model_name: Optional[str] = None  # the id /v1/models reports; default: the model folder's name
     torch_threads: int = 0  # 0 leaves torch's default
     stream_interval_s: float = 0.02  # streamed pieces closer than this are sent together (fewer thread wake-ups)

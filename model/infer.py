@@ -43,6 +43,10 @@ class GenerationCancelled(Exception):
     """Raised inside generation when the request's cancel event is set (client gone, Ctrl-C)."""
 
 
+class StopGeneration(GenerationCancelled):
+    """Raised inside generation once the answer reached one of the request's stop strings (a normal end)."""
+
+
 class PromptTooLong(ValueError):
     """The query (plus system message) alone does not fit ``max_prompt_tokens``."""
 
@@ -73,14 +77,23 @@ class TokenStreamer(BaseStreamer):
     (byte-fallback tokens) is held back until the next token completes it. Pieces go to ``on_text`` or, without
     it, to an internal queue that iterating the streamer drains. ``put`` raises ``GenerationCancelled`` once
     ``cancel`` is set, which aborts ``generate`` at the next token.
+
+    ``stop`` strings (the API's ``stop``): the text is cut before the first one found; text that could be the
+    start of a stop string is held back until the next tokens decide, so streamed pieces never show any part of
+    it. Once a stop string is found ``stopped`` is set and the next ``put`` raises ``StopGeneration``.
+    ``text`` is everything delivered (complete after ``end``).
     """
 
     _END = object()
 
     def __init__(self, tokenizer, on_text: Optional[Callable[[str], None]] = None,
                  cancel: Optional[threading.Event] = None, skip_first: bool = True, timeout: Optional[float] = None,
-                 min_interval: float = 0.0):
+                 min_interval: float = 0.0, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
+        self.stops = [x for x in stop if x]
+        self.stopped = False
+        self._held = ""  # text that may be the start of a stop string
+        self._delivered: list[str] = []
         # Pieces closer together than min_interval seconds are delivered together: each delivery wakes the
         # reading thread, and on a busy CPU those wake-ups (GIL hand-overs) cost the generating thread time.
         self.min_interval = min_interval
@@ -107,6 +120,8 @@ class TokenStreamer(BaseStreamer):
     def put(self, value) -> None:
         if self.cancel.is_set():
             raise GenerationCancelled()
+        if self.stopped:
+            raise StopGeneration()
         if isinstance(value, torch.Tensor):
             if value.dim() > 1:
                 if value.shape[0] != 1:
@@ -161,14 +176,44 @@ class TokenStreamer(BaseStreamer):
             piece = new_text[len(prefix_text):]
             self._prefix, self._read = self._read, len(self.ids)
             self._prefix_text = None
-            self._pending.append(piece)
+            if self.stops:
+                piece = self._cut(piece)
+            if piece:
+                self._pending.append(piece)
+        if final and self._held and not self.stopped:
+            self._pending.append(self._held)
+            self._held = ""
         if self._pending and (final or self.min_interval <= 0
                               or time.perf_counter() - self._last_delivery >= self.min_interval):
             self._deliver()
 
+    def _cut(self, piece: str) -> str:
+        """The part of ``piece`` that is safe to show, given the stop strings."""
+        if self.stopped:
+            return ""
+        buf = self._held + piece
+        hits = [i for i in (buf.find(x) for x in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            self._held = ""
+            return buf[:min(hits)]
+        keep = 0  # the longest end of buf that begins a stop string
+        for x in self.stops:
+            for k in range(min(len(x) - 1, len(buf)), keep, -1):
+                if buf.endswith(x[:k]):
+                    keep = k
+                    break
+        self._held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep]
+
+    @property
+    def text(self) -> str:
+        return "".join(self._delivered)
+
     def _deliver(self) -> None:
         piece = "".join(self._pending)
         self._pending.clear()
+        self._delivered.append(piece)
         self._last_delivery = time.perf_counter()
         if self.on_text is not None:
             self.on_text(piece)
@@ -235,7 +280,8 @@ class CT2Engine:
             compute = "int8_float16" if device == "cuda" else "int8"
         threads = cfg.torch_threads or torch.get_num_threads()
         self.translator = ctranslate2.Translator(str(path), device=device, compute_type=compute,
-                                                 intra_threads=threads, inter_threads=max(1, cfg.max_concurrency))
+                                                 intra_threads=threads,
+                                                 inter_threads=max(1, min(cfg.max_concurrency, os.cpu_count() or 1)))
         self.tokenizer = tokenizer
         self.compute_type = compute
 
@@ -266,7 +312,7 @@ class CT2Engine:
         src = [self.tokenizer.convert_ids_to_tokens(ids) for ids in batch_ids]
         res = self.translator.translate_batch(src, **kw)
         if cancelled:
-            raise GenerationCancelled()
+            raise StopGeneration() if streamer.stopped else GenerationCancelled()
         outs = [self.tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in res]
         if streamer is not None and kw["beam_size"] != 1:
             streamer.put(outs[0])  # beams are known only at the end: stream the finished answer
@@ -399,10 +445,10 @@ class ChatBot:
 
     # generation --------------------------------------------------------------------------------------
     def new_streamer(self, on_text: Optional[Callable[[str], None]] = None,
-                     cancel: Optional[threading.Event] = None) -> TokenStreamer:
+                     cancel: Optional[threading.Event] = None, stop: Sequence[str] = ()) -> TokenStreamer:
         """A fresh streamer for one request (torch's generate first puts the decoder start token; ct2 does not)."""
         return TokenStreamer(self.tokenizer, on_text=on_text, cancel=cancel, skip_first=self.ct2 is None,
-                             min_interval=self.cfg.stream_interval_s)
+                             min_interval=self.cfg.stream_interval_s, stop=stop)
 
     def _run(self, batch_ids: list[list[int]], s: dict, streamer: Optional[TokenStreamer] = None
              ) -> list[list[int]]:
@@ -439,12 +485,17 @@ class ChatBot:
         s = self.settings(**overrides)
         try:
             gen = self._run([list(input_ids)], s, streamer)[0]
+        except StopGeneration:  # a stop string ended the answer (the streamer holds its text)
+            gen = list(streamer.ids)
         except BaseException as e:
             if streamer is not None:
                 streamer.fail(e)
             raise
         if streamer is not None:
             streamer.end()
+            if streamer.stopped:
+                return GenerationResult(text=streamer.text, ids=gen[:streamer.n_tokens], prompt_tokens=len(input_ids),
+                                        finish_reason="stop")
         return self._result(gen, len(input_ids))
 
     def chat(self, query: str | Sequence[str], history: Optional[History | Sequence[History]] = None,

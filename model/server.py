@@ -1,13 +1,19 @@
-"""The HTTP API: the reference's ``POST /api/chat`` plus an OpenAI-compatible ``/v1/chat/completions``.
+"""The HTTP API: the reference's ``POST /api/chat``, OpenAI-compatible ``/v1/chat/completions`` and
+``/v1/completions``, ``/health``, Prometheus ``/metrics`` and the web chat page at ``/``.
 
 Safe under load:
-* generation runs in a thread pool of ``max_concurrency`` workers, never on the event loop; at most
-  ``max_queue`` more requests wait, beyond that the answer is 503 with ``Retry-After``;
-* each request has its own streamer and cancel event: a client that disconnects stops its generation at the
-  next token (a queued request that is dropped never starts);
+* greedy and sampling requests decode in one shared batch (``model/batching.py``: a request that arrives while
+  others decode joins at the next step; a finished one leaves), at most ``max_concurrency`` requests at once;
+  beam and contrastive search (and the ct2 engine) run in ``max_concurrency`` worker threads; never on the event
+  loop. At most ``max_queue`` more requests wait; beyond that the answer is 503 with ``Retry-After``;
+* each request has its own streamers (one per choice) and cancel event: a client that disconnects stops its
+  generation at the next token (a queued request that is dropped never starts);
 * bodies over ``max_body_bytes`` get 413, malformed JSON 400, invalid fields 422, a prompt over
-  ``max_prompt_tokens`` or a ``max_tokens`` over ``max_new_tokens`` 400: always a JSON error, never a 500;
-* a key (``api_key`` or env ``CHATLM_API_KEY``) turns on bearer auth (constant-time comparison); no key, no auth.
+  ``max_prompt_tokens``, a ``max_tokens`` over ``max_new_tokens``, ``n`` over ``max_n``, more than 4 ``stop``
+  strings and fields this model cannot honour (``tools``, ``response_format``...) 400 naming the field: always a
+  JSON error, never a 500;
+* a key (``api_key`` or env ``CHATLM_API_KEY``) turns on bearer auth (constant-time comparison); no key, no auth;
+* ``cors_origins`` (opt-in) lets the listed browser origins call the API.
 """
 from __future__ import annotations
 
@@ -21,20 +27,26 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from config import InferConfig
-from model.infer import ChatBot, GenerationCancelled, PromptTooLong, torch_thread_init
+from config import EOS_ID, InferConfig
+from model.batching import BATCH_SEARCH_TYPES, BatchDecoder
+from model.infer import (ChatBot, GenerationCancelled, GenerationResult, PromptTooLong, TokenStreamer,
+                         torch_thread_init)
 
 API_KEY_ENV = "CHATLM_API_KEY"
+CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"  # the web chat page served at /
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -59,14 +71,15 @@ def _json_error(status: int, message: str, type_: str = "invalid_request_error",
 
 # ------------------------------------------------------------------------------------ guard
 class GuardMiddleware:
-    """Auth first (every path but ``/health``), then the body limit, before FastAPI reads anything.
+    """Auth first (every path but ``/health`` and the page at ``/``), then the body limit, before FastAPI reads
+    anything.
 
     Bodies are read up to ``max_bytes`` (413 beyond, checked on Content-Length and on chunked bodies alike)
     and replayed to the app, so no body can make the server buffer more than the limit, and a client without
     the key learns nothing about its request but 401.
     """
 
-    OPEN_PATHS = ("/health",)
+    OPEN_PATHS = ("/health", "/")
 
     def __init__(self, app, state: "ServerState", max_bytes: int):
         self.app, self.state, self.max_bytes = app, state, max_bytes
@@ -153,39 +166,102 @@ class Message(BaseModel):
         return "".join(parts)
 
 
-class CompletionIn(BaseModel):
+class GenerationIn(BaseModel):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
     model_config = ConfigDict(extra="ignore")
     model: Optional[str] = None
-    messages: list[Message] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     stream: bool = False
     stream_options: Optional[dict[str, Any]] = None
     n: Optional[int] = Field(None, ge=1)
     stop: Union[str, list[str], None] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logprobs: Any = None
+    logit_bias: Optional[dict[str, Any]] = None
     # extensions (not in OpenAI's API)
     search_type: Optional[Literal["greedy", "beam", "sampling", "contrastive"]] = None
     top_k: Optional[int] = Field(None, ge=1, le=1000)
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
 
 
+class CompletionIn(GenerationIn):
+    """``POST /v1/chat/completions``."""
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    top_logprobs: Optional[int] = None
+
+
+class TextCompletionIn(GenerationIn):
+    """``POST /v1/completions``: raw prompt text in, text out (no chat layout)."""
+    prompt: Union[str, list[str]]
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+
+@dataclass
+class Job:
+    """One admitted request: its streamers (one per choice, sharing one cancel event) and its future."""
+    future: concurrent.futures.Future
+    streamers: list[TokenStreamer]
+    t0: float
+    ttft: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------- metrics
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count)."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, v: float) -> None:
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+        self.sum += v
+        self.count += 1
+
+    def lines(self, name: str, help_: str) -> list[str]:
+        out = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+        out += [f'{name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        out += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+        return out
+
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
 # ------------------------------------------------------------------------------------------ state
 class ServerState:
-    """Worker pool, admission counter and statistics (read by ``GET /health``)."""
+    """The shared batch decoder, the worker pool, admission counter and statistics (``/health``, ``/metrics``)."""
 
     def __init__(self, bot: ChatBot, cfg: InferConfig):
         self.bot, self.cfg = bot, cfg
+        init = torch_thread_init(cfg.torch_threads)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, cfg.max_concurrency),
-                                                              thread_name_prefix="chatlm-gen",
-                                                              initializer=torch_thread_init(cfg.torch_threads))
+                                                              thread_name_prefix="chatlm-gen", initializer=init)
+        self.batcher = BatchDecoder(bot, cfg.max_concurrency, thread_init=init) if (
+            cfg.batching and bot.model is not None) else None
         self.lock = threading.Lock()
         self.in_flight = 0  # admitted and not finished: running + queued
-        self.running = 0
+        self.running = 0  # in worker threads (the batch decoder counts its own)
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "rejected": 0, "errors": 0}
+        self.tokens = {"prompt": 0, "completion": 0}
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.ttft = Histogram(LATENCY_BUCKETS)
+        self.started = time.time()
         self.cancels: set[threading.Event] = set()
         key = cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV)
         self.api_key = key or None
@@ -198,6 +274,10 @@ class ServerState:
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("utf-8", "replace"),
                                                                   self.api_key.encode("utf-8"))
 
+    def batched(self, settings: dict) -> bool:
+        """Whether a request with these settings decodes in the shared batch."""
+        return self.batcher is not None and settings["search_type"] in BATCH_SEARCH_TYPES
+
     def admit(self) -> None:
         limit = max(1, self.cfg.max_concurrency) + max(0, self.cfg.max_queue)
         with self.lock:
@@ -209,9 +289,13 @@ class ServerState:
                                headers={"Retry-After": "1"})
             self.in_flight += 1
 
-    def submit(self, ids: list[int], settings: dict, streamer) -> concurrent.futures.Future:
-        """Queue one generation; the slot taken by ``admit`` is freed when it ends or is dropped."""
-        cancel = streamer.cancel
+    def submit(self, ids: list[int], settings: dict, streamers: list[TokenStreamer], seed: Optional[int] = None,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> concurrent.futures.Future:
+        """Queue one request (one streamer per choice); the future gives one GenerationResult per choice.
+
+        The slot taken by ``admit`` is freed when it ends or is dropped.
+        """
+        cancel = streamers[0].cancel
         with self.lock:
             self.cancels.add(cancel)
 
@@ -219,9 +303,12 @@ class ServerState:
             with self.lock:
                 self.running += 1
             try:
-                if cancel.is_set():
-                    raise GenerationCancelled()
-                return self.bot.generate(ids, streamer=streamer, **settings)
+                out = []
+                for st in streamers:
+                    if cancel.is_set():
+                        raise GenerationCancelled()
+                    out.append(self.bot.generate(ids, streamer=st, **settings))
+                return out
             finally:
                 with self.lock:
                     self.running -= 1
@@ -230,18 +317,22 @@ class ServerState:
             with self.lock:
                 self.in_flight -= 1
                 self.cancels.discard(cancel)
-                if f.cancelled():
-                    self.stats["cancelled"] += 1
-                elif isinstance(f.exception(), GenerationCancelled):
+                if f.cancelled() or isinstance(f.exception(), GenerationCancelled):
                     self.stats["cancelled"] += 1
                 elif f.exception() is not None:
                     self.stats["errors"] += 1
                 else:
                     self.stats["completed"] += 1
+                    self.tokens["prompt"] += len(ids)
+                    self.tokens["completion"] += sum(r.completion_tokens for r in f.result())
 
         try:
-            fut = self.executor.submit(work)
-        except RuntimeError:  # executor shut down
+            if self.batched(settings):
+                fut = self.batcher.submit(ids, settings, streamers, seed=seed, presence_penalty=presence_penalty,
+                                          frequency_penalty=frequency_penalty)
+            else:
+                fut = self.executor.submit(work)
+        except RuntimeError:  # shut down
             with self.lock:
                 self.in_flight -= 1
                 self.cancels.discard(cancel)
@@ -249,16 +340,62 @@ class ServerState:
         fut.add_done_callback(done)
         return fut
 
-    def health(self) -> dict:
+    def observe(self, job: Job) -> None:
         with self.lock:
+            self.latency.observe(time.perf_counter() - job.t0)
+            if job.ttft:
+                self.ttft.observe(job.ttft[0] - job.t0)
+
+    def health(self) -> dict:
+        b = self.batcher.stats() if self.batcher is not None else {"running": 0, "waiting": 0, "batch_rows": 0}
+        with self.lock:
+            running = self.running + b["running"]
             return {"status": "ok", "model": self.bot.model_name, "engine": self.bot.engine,
-                    "auth": self.api_key is not None, "in_flight": self.in_flight, "running": self.running,
-                    "max_concurrency": self.cfg.max_concurrency, "max_queue": self.cfg.max_queue, **self.stats}
+                    "device": str(self.bot.model.device) if self.bot.model is not None else self.bot.cfg.device,
+                    "batching": self.batcher is not None, "auth": self.api_key is not None,
+                    "in_flight": self.in_flight, "running": running, "queued": self.in_flight - running,
+                    "batch_rows": b["batch_rows"], "max_concurrency": self.cfg.max_concurrency,
+                    "max_queue": self.cfg.max_queue, "max_new_tokens": self.bot.cfg.max_new_tokens,
+                    "max_prompt_tokens": self.bot.cfg.max_prompt_tokens,
+                    "uptime_s": round(time.time() - self.started, 1), **self.stats}
+
+    def metrics(self) -> str:
+        """Prometheus text exposition format (version 0.0.4)."""
+        h = self.health()
+        b = self.batcher.stats() if self.batcher is not None else {"steps": 0, "row_steps": 0}
+        with self.lock:
+            lines = ["# HELP chatlm_requests_total Requests that reached admission (rejected ones included).",
+                     "# TYPE chatlm_requests_total counter", f"chatlm_requests_total {self.stats['requests']}",
+                     "# HELP chatlm_requests_finished_total Requests by how they ended.",
+                     "# TYPE chatlm_requests_finished_total counter"]
+            lines += [f'chatlm_requests_finished_total{{outcome="{k}"}} {self.stats[k]}'
+                      for k in ("completed", "cancelled", "rejected", "errors")]
+            lines += ["# HELP chatlm_prompt_tokens_total Prompt tokens of completed requests.",
+                      "# TYPE chatlm_prompt_tokens_total counter", f"chatlm_prompt_tokens_total {self.tokens['prompt']}",
+                      "# HELP chatlm_generated_tokens_total Generated tokens of completed requests (all choices).",
+                      "# TYPE chatlm_generated_tokens_total counter",
+                      f"chatlm_generated_tokens_total {self.tokens['completion']}"]
+            latency = self.latency.lines("chatlm_request_duration_seconds",
+                                         "Time from admission to the last token, completed requests.")
+            ttft = self.ttft.lines("chatlm_time_to_first_token_seconds",
+                                   "Time from admission to the first streamed text, completed requests.")
+        for name, help_, v in (("in_flight", "Admitted requests not finished (running + queued).", h["in_flight"]),
+                               ("running_requests", "Requests being decoded.", h["running"]),
+                               ("queue_depth", "Admitted requests waiting to start.", h["queued"]),
+                               ("batch_rows", "Sequences in the shared decoding batch.", h["batch_rows"])):
+            lines += [f"# HELP chatlm_{name} {help_}", f"# TYPE chatlm_{name} gauge", f"chatlm_{name} {v}"]
+        lines += ["# HELP chatlm_decode_steps_total Shared batch decoder steps.", "# TYPE chatlm_decode_steps_total counter",
+                  f"chatlm_decode_steps_total {b['steps']}",
+                  "# HELP chatlm_decode_rows_total Sequences advanced by those steps (sum of batch sizes).",
+                  "# TYPE chatlm_decode_rows_total counter", f"chatlm_decode_rows_total {b['row_steps']}"]
+        return "\n".join(lines + latency + ttft) + "\n"
 
     def shutdown(self) -> None:
         with self.lock:
             for c in self.cancels:
                 c.set()
+        if self.batcher is not None:
+            self.batcher.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -278,9 +415,19 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _reject_unsupported(body: BaseModel, names: tuple[str, ...]) -> None:
+    for name in names:
+        v = getattr(body, name, None)
+        if name == "response_format" and isinstance(v, dict) and v.get("type") == "text":
+            continue  # the default: plain text
+        if v not in (None, False, [], {}):
+            raise APIError(400, f"{name} is not supported by this server (a plain text chat model); "
+                                f"remove the field", param=name, code="unsupported_parameter")
+
+
 # ------------------------------------------------------------------------------------------- app
-def create_app(bot: ChatBot, cfg: Optional[InferConfig] = None) -> FastAPI:
-    """The FastAPI app around one loaded ``ChatBot`` (its config gives the limits unless ``cfg`` is given)."""
+def create_app(bot: ChatBot, cfg: Optional[InferConfig] = None):
+    """The ASGI app around one loaded ``ChatBot`` (its config gives the limits unless ``cfg`` is given)."""
     cfg = cfg or bot.cfg
     state = ServerState(bot, cfg)
 
@@ -325,60 +472,76 @@ def create_app(bot: ChatBot, cfg: Optional[InferConfig] = None) -> FastAPI:
         except PromptTooLong as e:
             raise APIError(400, str(e), code="context_length_exceeded", param="messages")
 
-    def start(request: Request, ids: list[int], settings: dict, on_text=None):
-        """Admit, create the request's own streamer, queue the generation and watch for disconnects."""
+    def check(settings: dict, extra: dict) -> dict:
+        """Per-request settings checked before admission (clear 400s)."""
         try:
             settings = bot.settings(**settings)
         except ValueError as e:
             raise APIError(400, str(e))
+        if not state.batched(settings):
+            for name in ("presence_penalty", "frequency_penalty"):
+                if extra.get(name):
+                    raise APIError(400, f"{name} needs greedy or sampling decoding on the torch engine "
+                                        f"(this request: {settings['search_type']} on {bot.engine}"
+                                        f"{', batching off' if not cfg.batching else ''})", param=name)
+            if extra.get("seed") is not None and settings["search_type"] == "sampling":
+                raise APIError(400, "seed needs the batched torch engine (--batching, --engine=torch)", param="seed")
+        return settings
+
+    def start(request: Request, ids: list[int], settings: dict, n: int = 1, stop=(), on_text=None,
+              extra: Optional[dict] = None) -> Job:
+        """Admit, create the request's streamers (one per choice), queue the generation, watch for disconnects.
+
+        ``on_text(i, piece)`` receives choice ``i``'s text as it is generated (in the decoding thread).
+        """
+        extra = extra or {}
+        settings = check(settings, extra)
         state.admit()
-        streamer = bot.new_streamer(on_text=on_text or (lambda _piece: None), cancel=threading.Event())
-        fut = state.submit(ids, settings, streamer)
-        task = asyncio.get_running_loop().create_task(_watch_disconnect(request, streamer.cancel))
+        cancel = threading.Event()
+        job = Job(None, [], time.perf_counter())
+
+        def piece_cb(i):
+            def cb(piece: str) -> None:
+                if not job.ttft:
+                    job.ttft.append(time.perf_counter())
+                if on_text is not None:
+                    on_text(i, piece)
+            return cb
+        job.streamers = [bot.new_streamer(on_text=piece_cb(i), cancel=cancel, stop=stop) for i in range(n)]
+        job.future = state.submit(ids, settings, job.streamers, **extra)
+        task = asyncio.get_running_loop().create_task(_watch_disconnect(request, cancel))
         watchers.add(task)
         task.add_done_callback(watchers.discard)
-        return fut, streamer
+        return job
 
-    async def finish(fut: concurrent.futures.Future, streamer):
+    def stop_job(job: Job) -> None:
+        if not job.future.done():  # the client left (or the server stops): stop generating
+            job.streamers[0].cancel.set()
+            job.future.cancel()
+
+    async def finish(job: Job) -> list[GenerationResult]:
         try:
-            return await asyncio.wrap_future(fut)
+            out = await asyncio.wrap_future(job.future)
+            state.observe(job)
+            return out
         except GenerationCancelled:
             raise APIError(499, "request cancelled", code="cancelled")
         except ValueError as e:  # settings the engine cannot honour (e.g. contrastive on ct2)
             raise APIError(400, str(e))
         finally:
-            if not fut.done():
-                streamer.cancel.set()
-                fut.cancel()
+            stop_job(job)
 
-    # ---------------------------------------------------------------------------------- routes
-    @app.get("/health")
-    async def health():
-        return state.health()
-
-    @app.post("/api/chat")
-    async def api_chat(body: ChatIn, request: Request):
-        ids = prompt_ids(body.input_txt)
-        fut, streamer = start(request, ids, {})
-        result = await finish(fut, streamer)
-        return {"response": result.text}
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        return {"object": "list", "data": [{"id": bot.model_name, "object": "model", "created": 0,
-                                            "owned_by": "chatlm-mini-chinese"}]}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: CompletionIn, request: Request):
-        if body.n not in (None, 1):
-            raise APIError(400, "only n=1 is supported", param="n")
-        if body.stop:
-            raise APIError(400, "stop sequences are not supported", param="stop")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(body, name):
-                raise APIError(400, f"{name} is not supported (use repetition_penalty)", param=name)
-        system, history, query = _split_messages(body.messages)
-        max_new = body.max_completion_tokens or body.max_tokens
+    def common(body: GenerationIn, max_new: Optional[int]) -> tuple[dict, dict, int, list[str]]:
+        """(settings, extra, n, stop) from the fields both completion endpoints share."""
+        _reject_unsupported(body, ("logit_bias", "logprobs"))
+        n = body.n or 1
+        if n > cfg.max_n:
+            raise APIError(400, f"n={n} is over this server's limit of {cfg.max_n} choices (max_n)", param="n")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4:
+            raise APIError(400, f"stop takes at most 4 strings, got {len(stop)}", param="stop")
+        if any(not x for x in stop):
+            raise APIError(400, "stop strings must not be empty", param="stop")
         if max_new is not None and max_new > cfg.max_new_tokens:
             raise APIError(400, f"max_tokens {max_new} is over this server's limit of {cfg.max_new_tokens}",
                            param="max_tokens", code="max_tokens_too_large")
@@ -393,66 +556,146 @@ def create_app(bot: ChatBot, cfg: Optional[InferConfig] = None) -> FastAPI:
                 settings["search_type"] = "greedy"
             else:
                 settings.update(search_type="sampling", temperature=body.temperature)
-        ids = prompt_ids(query, history, system)
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        head = {"id": cid, "created": created, "model": bot.model_name}
+        extra = {"seed": body.seed, "presence_penalty": body.presence_penalty or 0.0,
+                 "frequency_penalty": body.frequency_penalty or 0.0}
+        return settings, extra, n, stop
+
+    async def respond(request: Request, body: GenerationIn, ids: list[int], settings: dict, extra: dict, n: int,
+                      stop: list[str], chat: bool):
+        """The non-streamed JSON answer or the SSE stream, for either completion endpoint."""
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                "model": bot.model_name}
+        obj = "chat.completion" if chat else "text_completion"
+
+        def usage(results) -> dict:
+            c = sum(r.completion_tokens for r in results)
+            return {"prompt_tokens": len(ids), "completion_tokens": c, "total_tokens": len(ids) + c}
 
         if not body.stream:
-            fut, streamer = start(request, ids, settings)
-            r = await finish(fut, streamer)
-            return {**head, "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
-                                 "logprobs": None, "finish_reason": r.finish_reason}],
-                    "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                              "total_tokens": r.prompt_tokens + r.completion_tokens}}
+            results = await finish(start(request, ids, settings, n, stop, extra=extra))
+            if chat:
+                choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                            "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+            else:
+                choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                           for i, r in enumerate(results)]
+            return {**head, "object": obj, "choices": choices, "usage": usage(results)}
 
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         end = object()
 
-        def on_text(piece: str) -> None:  # called in the worker thread
-            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        def on_text(i: int, piece: str) -> None:  # called in the decoding thread
+            loop.call_soon_threadsafe(pieces.put_nowait, (i, piece))
 
-        fut, streamer = start(request, ids, settings, on_text=on_text)
-        fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(pieces.put_nowait, end))
+        job = start(request, ids, settings, n, stop, on_text=on_text, extra=extra)
+        job.future.add_done_callback(lambda _f: loop.call_soon_threadsafe(pieces.put_nowait, end))
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
-        def chunk(delta: dict, finish_reason=None) -> str:
-            return _sse({**head, "object": "chat.completion.chunk",
-                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+        def chunk(i: int, text: Optional[str], finish_reason=None, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                return _sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return _sse({**head, "object": "text_completion", "choices": [choice]})
 
         async def events():
             try:
-                yield chunk({"role": "assistant", "content": ""})
+                if chat:
+                    for i in range(n):
+                        yield chunk(i, None, role=True)
                 while True:
                     item = await pieces.get()
                     if item is end:
                         break
-                    yield chunk({"content": item})
+                    yield chunk(item[0], item[1])
                 try:
-                    r = fut.result()
-                except GenerationCancelled:
+                    results = job.future.result()
+                except (GenerationCancelled, concurrent.futures.CancelledError):
                     return
                 except Exception as e:  # headers are sent: report in-band, then end the stream
                     yield _sse(error_body(f"generation failed: {e}", "server_error"))
                     yield "data: [DONE]\n\n"
                     return
-                yield chunk({}, r.finish_reason)
+                state.observe(job)
+                for i, r in enumerate(results):
+                    yield chunk(i, None, r.finish_reason)
                 if include_usage:
-                    yield _sse({**head, "object": "chat.completion.chunk", "choices": [],
-                                "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                                          "total_tokens": r.prompt_tokens + r.completion_tokens}})
+                    yield _sse({**head, "object": "chat.completion.chunk" if chat else "text_completion",
+                                "choices": [], "usage": usage(results)})
                 yield "data: [DONE]\n\n"
             finally:
-                if not fut.done():  # the client left (or the server stops): stop generating
-                    streamer.cancel.set()
-                    fut.cancel()
+                stop_job(job)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    return GuardMiddleware(app, state, cfg.max_body_bytes)
+    # ---------------------------------------------------------------------------------- routes
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(CHAT_PAGE, media_type="text/html; charset=utf-8")
+
+    @app.get("/health")
+    async def health():
+        return state.health()
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/api/chat")
+    async def api_chat(body: ChatIn, request: Request):
+        ids = prompt_ids(body.input_txt)
+        results = await finish(start(request, ids, {}))
+        return {"response": results[0].text}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        return {"object": "list", "data": [{"id": bot.model_name, "object": "model", "created": 0,
+                                            "owned_by": "chatlm-mini-chinese"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: CompletionIn, request: Request):
+        _reject_unsupported(body, ("tools", "tool_choice", "functions", "function_call", "response_format",
+                                   "top_logprobs"))
+        settings, extra, n, stop = common(body, body.max_completion_tokens or body.max_tokens)
+        system, history, query = _split_messages(body.messages)
+        ids = prompt_ids(query, history, system)
+        return await respond(request, body, ids, settings, extra, n, stop, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: TextCompletionIn, request: Request):
+        _reject_unsupported(body, ("echo", "suffix"))
+        if body.best_of not in (None, 1):
+            raise APIError(400, "best_of is not supported (use n)", param="best_of", code="unsupported_parameter")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise APIError(400, f"prompt must be one string (got a list of {len(prompts)}); send one request "
+                                f"per prompt", param="prompt")
+        if not prompts[0].strip():
+            raise APIError(400, "the prompt is empty", param="prompt")
+        settings, extra, n, stop = common(body, body.max_tokens)
+        ids = bot.tokenizer(prompts[0], add_special_tokens=False)["input_ids"] + [EOS_ID]
+        if len(ids) > cfg.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, more than the limit of {cfg.max_prompt_tokens} "
+                                f"(max_prompt_tokens); shorten it", code="context_length_exceeded", param="prompt")
+        return await respond(request, body, ids, settings, extra, n, stop, chat=False)
+
+    app = GuardMiddleware(app, state, cfg.max_body_bytes)
+    origins = _origins(cfg.cors_origins)
+    if origins:  # outermost: preflights and error answers carry the CORS headers too
+        app = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                             allow_headers=["Authorization", "Content-Type"], max_age=600)
+    return app
+
+
+def _origins(value) -> list[str]:
+    """``--cors_origins`` as a list: a comma-separated string or a list (fire may give a tuple)."""
+    if not value:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(x).strip().rstrip("/") for x in items if str(x).strip()]
 
 
 def _split_messages(messages: list[Message]) -> tuple[Optional[str], list[tuple[str, str]], str]:
@@ -476,8 +719,10 @@ def _split_messages(messages: list[Message]) -> tuple[Optional[str], list[tuple[
 
 
 def get_state(app) -> ServerState:
-    """The ServerState of an app made by ``create_app`` (through its guard)."""
-    inner = app.app if isinstance(app, GuardMiddleware) else app
+    """The ServerState of an app made by ``create_app`` (through its guard and CORS layers)."""
+    inner = app
+    while not isinstance(inner, FastAPI):
+        inner = inner.app
     return inner.state.chat
 
 
