@@ -36,7 +36,10 @@ def is_adapter(model) -> bool:
 def _write_model(model, tokenizer, folder: Path) -> None:
     model = getattr(model, "module", model)
     model.save_pretrained(str(folder), safe_serialization=True)
-    tokenizer.save_pretrained(str(folder))
+    if not getattr(tokenizer, "chat_template", None):  # a tokenizer from before the template: add it
+        from model.prompt import CHAT_TEMPLATE
+        tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(folder), save_jinja_files=False)  # chat_template in tokenizer_config.json
     if not is_adapter(model):
         missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
         if missing:

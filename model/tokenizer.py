@@ -30,6 +30,7 @@ from typing import Iterable, Optional, Sequence
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from config import DEFAULT_NUM_SENTINELS, EOS_ID, SPECIAL_TOKENS, UNK_ID, sentinel_token
+from model.prompt import CHAT_TEMPLATE
 from model.tokenizer_counting import (PieceCounts, PieceSplitter, char_frequencies, count_files, count_texts,
                                       feed_batches, write_tsv)
 
@@ -138,6 +139,7 @@ def finalize(tok: Tokenizer, token_type: str, num_sentinels: int) -> PreTrainedT
         cls_token="[CLS]", mask_token="[MASK]", unk_token="[UNK]",
         additional_special_tokens=[sentinel_token(i) for i in range(num_sentinels)],
         model_max_length=1_000_000, padding_side="right", clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE  # the prompt layout of model/prompt.py, for apply_chat_template
     fast.init_kwargs["token_type"] = token_type
     fast.init_kwargs["num_sentinels"] = num_sentinels
     return fast
@@ -349,7 +351,7 @@ def train_from_config(cfg: TokenizerTrainConfig) -> tuple[PreTrainedTokenizerFas
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out), save_jinja_files=False)  # chat_template in tokenizer_config.json
     return out
 
 

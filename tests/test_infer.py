@@ -9,6 +9,7 @@ import torch
 
 from config import EOS_ID, InferConfig, make_config
 from model.infer import ChatBot, GenerationCancelled, PromptTooLong, TokenStreamer
+from model.prompt import join_history
 
 PROMPTS = ["你好", "3加5等于多少？", "星期四的后一天是星期几？", "7千米等于多少米？", "怎样保持健康？",
            "十二加九等于多少？", "六月的上一个月是几月？", "你是谁？"]
@@ -72,24 +73,21 @@ def test_history_oldest_turns_dropped_first(toy_model_dir):
     ids = bot.build_input_ids("现在的问题", history)
     assert ids[-1] == EOS_ID and ids.count(EOS_ID) == 1
     assert len(ids) <= 64
-    tail = enc("用户：现在的问题") + [EOS_ID]
-    assert ids[-len(tail):] == tail
-    hist_part = ids[:-len(tail)]
-    assert 0 < len(hist_part) <= 40
-    # the kept turns are the newest ones, whole, in order, in the training data's layout
-    # (model/prompt.py): "用户：q\n助手：a\n"
-    kept = []
+    # the kept turns are the newest ones, whole, in order, counted turn by turn ("用户：q\n助手：a\n") against
+    # history_tokens; the prompt is then the training data's layout (model/prompt.py) encoded whole
+    kept, used = [], 0
     for i in range(19, -1, -1):
-        seg = enc(f"用户：问题{i}\n助手：回答{i}\n")
-        if sum(map(len, kept)) + len(seg) > 40:
+        n = len(enc(f"用户：问题{i}\n助手：回答{i}\n"))
+        if used + n > 40:
             break
-        kept.insert(0, seg)
-    assert hist_part == [t for seg in kept for t in seg]
-    assert len(kept) < 20
+        kept.insert(0, history[i])
+        used += n
+    assert 0 < len(kept) < 20
+    want = [("user" if j % 2 == 0 else "assistant", t) for turn in kept for j, t in enumerate(turn)]
+    assert ids == bot.tokenizer(join_history(want, "现在的问题"))["input_ids"]
     # a short history is kept entirely, system message first
     ids = bot.build_input_ids("现在", history[:2], system="助手")
-    assert ids == (enc("系统：助手\n") + enc("用户：问题0\n助手：回答0\n") + enc("用户：问题1\n助手：回答1\n")
-                   + enc("用户：现在") + [EOS_ID])
+    assert ids == bot.tokenizer("系统：助手\n用户：问题0\n助手：回答0\n用户：问题1\n助手：回答1\n用户：现在")["input_ids"]
     # with no history and no system text the prompt is the query alone, as in single-turn training rows
     assert bot.build_input_ids("现在") == enc("现在") + [EOS_ID]
     # history really reaches the model: multi-turn answers go through the same path as single ones
