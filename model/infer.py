@@ -5,7 +5,7 @@ CTranslate2 int8 copy of the same folder (``engine="ct2"``). Streaming uses one 
 streamer whose ``cancel`` event is set raises ``GenerationCancelled`` from inside ``generate``, which is how a
 disconnected client stops its generation. Decoding defaults come from the folder's ``generation_config.json``.
 
-Multi-turn prompts follow the one layout of ``model/prompt.py``. History is fitted into ``history_tokens``
+Multi-turn prompts follow the one layout of ``model/prompt.py`` (the chat template saved in every tokenizer). History is fitted into ``history_tokens``
 newest-first, so the oldest turns are dropped first; the system message and the current query are always kept.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 from config import EOS_ID, GENERATION_DEFAULTS, PAD_ID, InferConfig, make_config
 from model.chat_model import SEARCH_TYPES
 from model.checkpoint import check_model_folder, load_model_folder, pick_device
-from model.prompt import turn_line
+from model.prompt import render_chat, turn_line
 from model.tokenizer import load_tokenizer
 
 ENGINES = ("torch", "ct2")
@@ -417,7 +417,9 @@ class ChatBot:
         if not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
         limit = self.cfg.max_prompt_tokens - 1  # room for [EOS]
-        # The layout of model/prompt.py, encoded piece by piece so whole turns can be dropped to fit.
+        # Budgets are counted on the turns of model/prompt.py's layout one by one; the turns that fit are then
+        # rendered through the folder's chat template and encoded whole, as the training rows are (and as
+        # tokenizer.apply_chat_template(messages, add_generation_prompt=True) does).
         head = self._encode(turn_line("system", system) + "\n") if system else []
         labelled = bool(history) or bool(system)
         q = self._encode(turn_line("user", query) if labelled else query)
@@ -426,22 +428,31 @@ class ChatBot:
                 raise PromptTooLong(len(head) + len(q) + 1, self.cfg.max_prompt_tokens)
             if len(head) >= limit // 2:
                 head = []
-            q = q[-(limit - len(head)):]
+            return head + q[-(limit - len(head)):] + [EOS_ID]  # the end of the query; no room for turns
         budget = min(self.cfg.history_tokens, limit - len(head) - len(q))
-        turns: list[list[int]] = []
-        used = 0
-        for i, turn in enumerate(reversed(list(history or []))):
+        turns = list(history or [])
+        keep, used = 0, 0
+        for i, turn in enumerate(reversed(turns)):
             if len(turn) != 2:
-                raise ValueError(f"history turn {len(history) - 1 - i} must be a (user, assistant) pair, got {turn!r}")
-            seg = self._encode(turn_line("user", turn[0]) + "\n" + turn_line("assistant", turn[1]) + "\n")
-            if used + len(seg) > budget:
+                raise ValueError(f"history turn {len(turns) - 1 - i} must be a (user, assistant) pair, got {turn!r}")
+            n = len(self._encode(turn_line("user", turn[0]) + "\n" + turn_line("assistant", turn[1]) + "\n"))
+            if used + n > budget:
                 break
-            turns.append(seg)
-            used += len(seg)
-        ids = list(head)
-        for seg in reversed(turns):
-            ids += seg
-        return ids + q + [EOS_ID]
+            keep, used = keep + 1, used + n
+        while True:
+            ids = self.tokenizer(self.render_prompt(query, turns[len(turns) - keep:], system))["input_ids"]
+            if len(ids) <= limit + 1 or keep == 0:
+                return ids if len(ids) <= limit + 1 else head + q + [EOS_ID]
+            keep -= 1  # merges across turn boundaries made the whole longer than its parts: drop one more
+
+    def render_prompt(self, query: str, history: Optional[History] = None, system: Optional[str] = None) -> str:
+        """The prompt text (without [EOS]) through the folder's chat template; model/prompt.py's layout when
+        the tokenizer has none (folders saved before the template)."""
+        msgs = [{"role": "system", "content": system}] if system else []
+        for u, a in history or []:
+            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        msgs.append({"role": "user", "content": query})
+        return render_chat(msgs, getattr(self.tokenizer, "chat_template", None))
 
     # generation --------------------------------------------------------------------------------------
     def new_streamer(self, on_text: Optional[Callable[[str], None]] = None,
