@@ -1,4 +1,5 @@
-"""One dataset for every trainer: parquet (or .txt) in, padded text-to-text batches out, resumable exactly.
+"""One dataset for every trainer: any data source in (model/sources.py: parquet, .txt, .jsonl, .json, .csv,
+globs, folders, ``datasets`` sources), padded text-to-text batches out, resumable exactly.
 
 Why it is built this way:
 
@@ -21,13 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from rich.progress import Progress
 
@@ -41,153 +38,9 @@ TOKENIZE_CHUNK = 256  # rows tokenised together in streaming mode
 
 
 # ------------------------------------------------------------------------------------------- sources
-@dataclass
-class SourceInfo:
-    """One input file: its kind (``pairs`` or ``text``), format and row count (from metadata when parquet)."""
-
-    path: str
-    weight: float
-    kind: str  # pairs | text
-    fmt: str  # parquet | txt
-    num_rows: int
-    columns: tuple = ()
-    row_group_starts: tuple = ()
-
-
-def parse_file_spec(spec) -> list[tuple[str, float]]:
-    """``"a.parquet:2,b.txt"`` (or a list) -> [(path, weight)]; a weight is a per-epoch repeat factor."""
-    if spec is None or spec == "":
-        return []
-    items = [str(x) for x in spec] if isinstance(spec, (list, tuple)) else str(spec).split(",")
-    out = []
-    for it in (x.strip() for x in items):
-        if not it:
-            continue
-        path, weight = it, 1.0
-        if ":" in it:
-            head, tail = it.rsplit(":", 1)
-            try:
-                weight, path = float(tail), head
-            except ValueError:
-                pass
-        if weight < 0 or not math.isfinite(weight):
-            raise ValueError(f"{path}: weight must be a finite number >= 0, got {weight}")
-        out.append((path, weight))
-    return out
-
-
-def inspect_source(path: str, weight: float = 1.0) -> SourceInfo:
-    """Validate a file before training: clear errors for a missing file/column, an empty file, null values."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: data file not found")
-    if p.suffix == ".txt":
-        with open(p, "rb") as f:
-            n = sum(1 for line in f if line.strip())
-        if n == 0:
-            raise ValueError(f"{p}: empty file (no non-empty lines)")
-        return SourceInfo(str(p), weight, "text", "txt", n, ("text",))
-    if p.suffix != ".parquet":
-        raise ValueError(f"{p}: unsupported data file type {p.suffix!r}; expected .parquet (columns prompt, "
-                         f"response or text) or .txt (one document per line)")
-    try:
-        pf = pq.ParquetFile(p)
-    except Exception as e:  # pyarrow raises several types for broken files
-        raise ValueError(f"{p}: not a readable parquet file ({e})") from e
-    names = list(pf.schema_arrow.names)
-    if "prompt" in names or "response" in names or "text" not in names:
-        missing = [c for c in ("prompt", "response") if c not in names]
-        if missing:
-            raise ValueError(f"{p}: missing column {', '.join(repr(c) for c in missing)} (text-to-text files need "
-                             f"columns 'prompt' and 'response', plain-text files a 'text' column); "
-                             f"found columns: {', '.join(names) or 'none'}")
-        kind, cols = "pairs", ("prompt", "response")
-    else:
-        kind, cols = "text", ("text",)
-    for c in cols:
-        t = pf.schema_arrow.field(c).type
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or str(t) == "string_view"):
-            raise ValueError(f"{p}: column {c!r} must hold strings, found type {t}")
-    md = pf.metadata
-    if md.num_rows == 0:
-        raise ValueError(f"{p}: empty file (0 rows); column(s) {', '.join(cols)} have no data")
-    starts, acc = [], 0
-    for g in range(md.num_row_groups):
-        starts.append(acc)
-        acc += md.row_group(g).num_rows
-    for c in cols:
-        j = names.index(c)
-        for g in range(md.num_row_groups):
-            stats = md.row_group(g).column(j).statistics
-            nulls = stats.null_count if (stats is not None and stats.has_null_count) else None
-            if nulls is None or nulls > 0:
-                col = pf.read_row_group(g, columns=[c]).column(c)
-                if col.null_count:
-                    first = int(pc.index(pc.is_null(col), True).as_py())
-                    raise ValueError(f"{p}: column {c!r} has {col.null_count} null value(s) in row group {g}, "
-                                     f"first at row {starts[g] + first}; drop or fill them before training")
-    return SourceInfo(str(p), weight, kind, "parquet", md.num_rows, cols, tuple(starts))
-
-
-def open_sources(spec) -> list[SourceInfo]:
-    sources = [inspect_source(p, w) for p, w in parse_file_spec(spec)]
-    if not sources:
-        raise ValueError(f"no training file given (got {spec!r})")
-    if all(s.weight == 0 for s in sources):
-        raise ValueError(f"every training file has weight 0: {spec!r}")
-    return sources
-
-
-def iter_source_rows(src: SourceInfo, start_row: int = 0, chunk: int = 1024,
-                     start_offset: int = 0) -> Iterator[tuple[int, list[tuple], list[int]]]:
-    """Yield ``(first_row, rows, byte_offsets_after_each_row)`` from ``start_row`` on, ``chunk`` rows at a time.
-
-    Byte offsets are only meaningful for .txt (they make a streaming resume seek instead of re-reading).
-    """
-    if src.fmt == "txt":
-        with open(src.path, "rb") as f:
-            f.seek(start_offset)
-            row, rows, offs, first = start_row, [], [], start_row
-            if start_offset == 0 and start_row > 0:  # no offset saved: skip rows by reading
-                skipped = 0
-                while skipped < start_row:
-                    line = f.readline()
-                    if not line:
-                        return
-                    if line.strip():
-                        skipped += 1
-            while True:
-                line = f.readline()
-                if not line:
-                    break
-                if not line.strip():
-                    continue
-                rows.append((line.decode("utf-8", errors="replace").strip(),))
-                offs.append(f.tell())
-                row += 1
-                if len(rows) >= chunk:
-                    yield first, rows, offs
-                    first, rows, offs = row, [], []
-            if rows:
-                yield first, rows, offs
-        return
-    pf = pq.ParquetFile(src.path)
-    starts = list(src.row_group_starts) or [0]
-    g = max(i for i, s in enumerate(starts) if s <= start_row) if start_row > 0 else 0
-    skip = start_row - starts[g]
-    row = start_row
-    groups = list(range(g, pf.metadata.num_row_groups))
-    if not groups:
-        return
-    for rb in pf.iter_batches(batch_size=chunk, row_groups=groups, columns=list(src.columns)):
-        cols = [rb.column(c).to_pylist() for c in src.columns]
-        rows = list(zip(*cols))
-        if skip:
-            take = min(skip, len(rows))
-            rows, skip = rows[take:], skip - take
-        if rows:
-            yield row, rows, []
-            row += len(rows)
+# Files, globs, folders and datasets sources, mapped to prompt/response or text rows: model/sources.py.
+from model.sources import (SourceInfo, bad_row_report, inspect_source, iter_source_rows,  # noqa: E402,F401
+                           open_sources, parse_file_spec)
 
 
 # -------------------------------------------------------------------------------------------- encoding
@@ -691,7 +544,7 @@ class StreamingBatches:
         if r is None or not (r["first"] <= phys < r["first"] + len(r["rows"])):
             if r is None or phys != r["first"] + len(r["rows"]):
                 it = iter_source_rows(self.sources[s], phys, self.read_chunk,
-                                      offset if self.sources[s].fmt == "txt" else 0)
+                                      offset if self.sources[s].fmt in ("txt", "jsonl") else 0)
                 r = {"iter": it}
             try:
                 first, rows, offs = next(r["iter"])

@@ -99,6 +99,7 @@ class Seq2SeqObjective(Objective):
         from accelerate.utils import set_seed
 
         from model.dataset import TextToTextDataset, make_batches, open_sources
+        from model.sources import bad_row_report
         cfg, acc = self.cfg, trainer.acc
         open_sources(cfg.train_file)  # a bad file fails here, before any model is built
         set_seed(cfg.seed)
@@ -110,6 +111,8 @@ class Seq2SeqObjective(Objective):
         skipped = getattr(getattr(self.batches, "ds", None), "skipped", {})
         if sum(skipped.values()):
             acc.print("skipped empty rows: " + ", ".join(f"{p}: {n}" for p, n in skipped.items() if n))
+        for line in bad_row_report(getattr(getattr(self.batches, "ds", self.batches), "sources", [])):
+            acc.print(line)  # rows that did not fit their schema: file, row, field, what was expected
         self.valid, self.valid_chars, self.baselines = None, 0, {}
         if cfg.valid_file:
             self.valid = TextToTextDataset(cfg.valid_file, self.tokenizer,
@@ -262,10 +265,10 @@ def char_baselines(train_file: str, targets: list[str], out: Path) -> dict:
     does not count again.
     """
     import hashlib
-    from model.dataset import iter_source_rows, open_sources
+    from model.sources import iter_source_rows, open_sources, source_signature
     from model.quality import CharNgramBaselines
     sources = [s for s in open_sources(train_file) if s.weight > 0]
-    signature = json.dumps([[s.path, os.path.getsize(s.path), os.path.getmtime(s.path)] for s in sources])
+    signature = json.dumps([source_signature(s) for s in sources])
     key = hashlib.sha256(json.dumps([signature] + targets, ensure_ascii=False).encode()).hexdigest()
     cache = out / "baselines.json"
     if cache.is_file():

@@ -185,9 +185,13 @@ def test_state_dict_gives_the_exact_next_batch(demo_data, tiny_tokenizer, text_p
         return InMemoryBatches(TextToTextDataset(files, tiny_tokenizer, seed=4, **kw), 8, 1, 2, seed=4,
                                length_group_batches=4)
 
-    ref = make()
-    per_epoch = ref.batches_per_epoch
-    for stop in (3, per_epoch + 2):  # inside the first epoch and inside the second
+    _assert_exact_resume(make, (3, make().batches_per_epoch + 2))  # inside the first epoch and the second
+
+
+def _assert_exact_resume(make, stops):
+    """A loader stopped after each of ``stops`` batches and rebuilt from its state gives the same next epoch."""
+    per_epoch = make().batches_per_epoch
+    for stop in stops:
         ref = make()
         _epoch_keys(ref, stop)
         state = ref.state_dict()
@@ -220,3 +224,124 @@ def test_empty_rows_are_skipped_and_counted(tiny_tokenizer, tmp_path):
     pd.DataFrame({"prompt": ["你好", " ", "再见"], "response": ["你好！", "空", ""]}).to_parquet(p)
     ds = TextToTextDataset(str(p), tiny_tokenizer, 16, 16)
     assert len(ds) == 1 and ds.skipped == {str(p): 2}
+
+
+# ------------------------------------------------------------------------ any dataset in (model/sources.py)
+PAIRS = [("你好", "你好！"), ("3加5等于多少？", "8"), ("星期四的后一天是星期几？", "星期五"), ("7千米等于多少米？", "7000米")]
+
+
+def _write_formats(d, pairs):
+    """The same pairs in every accepted shape; returns {name: spec}."""
+    import json
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    pd.DataFrame({"prompt": [p for p, _ in pairs], "response": [r for _, r in pairs]}).to_parquet(d / "pairs.parquet")
+    out["parquet"] = str(d / "pairs.parquet")
+    (d / "trl.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": r}, ensure_ascii=False) + "\n"
+                                         for p, r in pairs), encoding="utf-8")
+    out["jsonl_completion"] = str(d / "trl.jsonl")
+    (d / "alpaca.json").write_text(json.dumps([{"instruction": p, "input": "", "output": r} for p, r in pairs],
+                                              ensure_ascii=False), encoding="utf-8")
+    out["json_alpaca"] = str(d / "alpaca.json")
+    pd.DataFrame({"prompt": [p for p, _ in pairs], "response": [r for _, r in pairs]}).to_csv(d / "pairs.csv",
+                                                                                             index=False)
+    out["csv"] = str(d / "pairs.csv")
+    (d / "openai.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": p},
+                                                                     {"role": "assistant", "content": r}]},
+                                                       ensure_ascii=False) + "\n" for p, r in pairs), encoding="utf-8")
+    out["messages"] = str(d / "openai.jsonl")
+    pq.write_table(pa.table({"conversations": [[{"from": "human", "value": p}, {"from": "gpt", "value": r}]
+                                               for p, r in pairs]}), d / "sharegpt.parquet")
+    out["sharegpt_parquet"] = str(d / "sharegpt.parquet")
+    out["hf_json"] = f"hf:json:train?data_files={d / 'trl.jsonl'}"
+    out["hf_stream"] = f"hf:json:train?data_files={d / 'trl.jsonl'}&streaming=true"
+    return out
+
+
+def test_every_format_gives_the_same_rows(tmp_path):
+    from model.sources import iter_source_rows, open_sources
+    for name, spec in _write_formats(tmp_path / "f", PAIRS).items():
+        (src,) = open_sources(spec)
+        rows = [r for _, rs, _ in iter_source_rows(src, chunk=3) for r in rs]
+        assert [tuple(map(str, r)) for r in rows] == PAIRS, name
+        assert src.kind == "pairs" and src.num_rows == len(PAIRS) and src.problems.count == 0, name
+        if name == "hf_stream":
+            assert src.fmt == "stream"
+        # a resume starts at any row
+        assert [r for _, rs, _ in iter_source_rows(src, start_row=2, chunk=3) for r in rs] == \
+            [tuple(r) for r in rows[2:]], name
+
+
+def test_globs_folders_and_column_mapping(tmp_path):
+    import json
+    from model.sources import open_sources
+    d = tmp_path / "many"
+    for i in range(3):
+        (d / f"part{i}").mkdir(parents=True)
+        (d / f"part{i}" / "x.jsonl").write_text(json.dumps({"prompt": f"问{i}", "response": f"答{i}"},
+                                                           ensure_ascii=False) + "\n", encoding="utf-8")
+    globbed = open_sources(f"{d}/*/x.jsonl:2")
+    assert [s.path for s in globbed] == [str(d / f"part{i}" / "x.jsonl") for i in range(3)]
+    assert all(s.weight == 2 for s in globbed)
+    assert [s.path for s in open_sources(str(d))] == [s.path for s in globbed]  # a folder: every data file
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        open_sources(f"{d}/*.nothing")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "问", "answer": "答"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no known columns.*question, answer"):
+        open_sources(str(qa))
+    (src,) = open_sources(f"hf:json:train?data_files={qa}&prompt=question&response=answer")
+    assert src.schema == "pairs" and src.mapping == {"prompt": "question", "response": "answer"}
+
+
+def test_multi_turn_messages_use_the_chat_template(tmp_path, tiny_tokenizer):
+    import json
+    from model.sources import iter_source_rows, open_sources
+    conv = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "3加5等于多少？"},
+            {"role": "assistant", "content": "8"}]
+    p = tmp_path / "multi.jsonl"
+    p.write_text(json.dumps({"messages": conv}, ensure_ascii=False) + "\n", encoding="utf-8")
+    (src,) = open_sources(str(p))
+    ((prompt, response),) = next(iter_source_rows(src))[1]
+    assert response == "8"
+    assert prompt == tiny_tokenizer.apply_chat_template(conv[:-1], tokenize=False) == \
+        "系统：你是助手。\n用户：你好\n助手：你好！\n用户：3加5等于多少？"
+
+
+def test_bad_rows_are_counted_and_reported_with_file_row_and_field(tmp_path, tiny_tokenizer):
+    import json
+    from model.sources import bad_row_report
+    p = tmp_path / "bad.jsonl"
+    lines = [json.dumps({"prompt": "你好", "completion": "你好！"}, ensure_ascii=False), "{not json",
+             json.dumps({"prompt": "再见", "completion": None}, ensure_ascii=False),
+             json.dumps({"prompt": "好", "completion": "好的"}, ensure_ascii=False)]
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    q = tmp_path / "conv.jsonl"
+    q.write_text(json.dumps({"messages": [{"role": "user", "content": "只有问题"}]}, ensure_ascii=False) + "\n"
+                 + json.dumps({"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]},
+                              ensure_ascii=False) + "\n", encoding="utf-8")
+    ds = TextToTextDataset(f"{p},{q}", tiny_tokenizer, 16, 16)
+    assert len(ds) == 3 and ds.skipped == {str(p): 2, str(q): 1}
+    report = "\n".join(bad_row_report(ds.sources))
+    assert f"{p}: 2 bad row(s)" in report and f"{p}:1 (line): a JSON object" in report
+    assert f"{p}:2 completion: a string, got NoneType" in report
+    assert f"{q}:0 messages: an assistant turn" in report
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("fmt", ["jsonl_completion", "messages", "hf_stream", "csv"])
+def test_exact_resume_for_the_new_formats(tmp_path, tiny_tokenizer, fmt, streaming):
+    pairs = [(f"{i}加{i % 7}等于多少？", f"{i}加{i % 7}等于{i + i % 7}。") for i in range(90)]
+    spec = _write_formats(tmp_path / "r", pairs)[fmt]
+    files = f"{spec}:1.5"
+
+    def make():
+        kw = dict(max_source_len=24, max_target_len=24)
+        if streaming:
+            return StreamingBatches(files, tiny_tokenizer, 8, 1, 2, seed=4, shuffle_buffer=20,
+                                    length_group_batches=2, read_chunk=16, **kw)
+        return InMemoryBatches(TextToTextDataset(files, tiny_tokenizer, seed=4, **kw), 8, 1, 2, seed=4,
+                               length_group_batches=2)
+
+    _assert_exact_resume(make, (2, make().batches_per_epoch + 1))
