@@ -526,3 +526,39 @@ def iter_source_rows(src: SourceInfo, start_row: int = 0, chunk: int = 1024,
                 rows = _mapped(src, row, [dict(zip(src.columns, r)) for r in rows])
             yield row, rows, []
             row += len(rows)
+
+
+# ------------------------------------------------------------------------------------ raw records
+def iter_records(spec: str) -> Iterator[tuple[str, Optional[dict], Optional[str]]]:
+    """``(where, record, error)`` for every row of a spec's sources, unmapped, for builders with their own
+    schemas (preference pairs, triples): ``where`` is ``file:row``, ``error`` says why a row is not a record."""
+    for path, _ in parse_file_spec(spec):
+        for one in expand_path(path):
+            p = Path(one)
+            if one.startswith(HF_PREFIX):
+                ds, shown = load_hf(one), one
+            elif not p.is_file():
+                raise FileNotFoundError(f"{p}: data file not found")
+            elif p.suffix == ".parquet":
+                pf = pq.ParquetFile(p)
+                i = 0
+                for rb in pf.iter_batches(batch_size=1024):
+                    for rec in rb.to_pylist():
+                        yield f"{p}:{i}", rec, None
+                        i += 1
+                continue
+            elif p.suffix == ".jsonl" or (p.suffix == ".json" and _first_char(p) not in "["):
+                with open(p, "rb") as f:
+                    for i, line in enumerate(f, 1):
+                        if line.strip():
+                            rec = _json_line(line)
+                            yield (f"{p}:{i}", None, f"{rec.field}: {rec.expected}") if isinstance(rec, BadRow) \
+                                else (f"{p}:{i}", rec, None)
+                continue
+            elif p.suffix in (".json", ".csv"):
+                ds, shown = load_hf(f"{HF_PREFIX}{p.suffix[1:]}:train?data_files={p}"), str(p)
+            else:
+                raise ValueError(f"{p}: unsupported record file type {p.suffix!r}; expected .jsonl, .json, .csv, "
+                                 f".parquet or a datasets source (hf:NAME[:SPLIT])")
+            for i, rec in enumerate(ds):
+                yield f"{shown}:{i}", rec, None

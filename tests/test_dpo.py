@@ -379,3 +379,30 @@ def test_a_small_preference_set_still_holds_out_one_prompt():
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in valid}
     assert split_by_prompt(rows[:1], 0.1, seed=1) == (rows[:1], [])  # one prompt: nothing to hold out
     assert split_by_prompt(rows, 0.0, seed=1) == (rows, [])
+
+
+def test_build_and_generate_read_datasets_sources_and_csv(tmp_path, tiny_tokenizer):
+    """Preference and prompt/response inputs also come as datasets sources (hf:NAME[:SPLIT][?...]) and .csv."""
+    from collections import Counter
+    from model.tokenizer import save_tokenizer
+    from utils.dpo_data_process import build, read_prompt_answer
+    tok_dir = save_tokenizer(tiny_tokenizer, tmp_path / "tok")
+    rows = [{"prompt": f"问题{i}", "chosen": f"好的回答{i}", "rejected": f"坏{i}"} for i in range(6)]
+    jl = tmp_path / "pairs.jsonl"
+    jl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    pd.DataFrame(rows + [{"prompt": "缺", "chosen": None, "rejected": "x"}]).to_csv(tmp_path / "pairs.csv",
+                                                                                   index=False)
+    rep = build(inputs=f"hf:json:train?data_files={jl}", tokenizer_dir=str(tok_dir), out_dir=str(tmp_path / "o1"),
+                max_source_len=64, max_target_len=64, valid_ratio=0.0)
+    assert rep["train"] == 6
+    rep = build(inputs=str(tmp_path / "pairs.csv"), tokenizer_dir=str(tok_dir), out_dir=str(tmp_path / "o2"),
+                max_source_len=64, max_target_len=64, valid_ratio=0.0)
+    (counts,) = rep["files"].values()
+    assert rep["train"] == 6 and counts["bad_record"] + counts.get("skipped_empty", 0) == 1
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                                    {"role": "assistant", "content": r["chosen"]}]},
+                                      ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    got = read_prompt_answer(f"hf:json:train?data_files={sft}", Counter())
+    assert got == [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in rows]
+    assert read_prompt_answer(str(sft), Counter(), limit=2) == got[:2]

@@ -178,3 +178,18 @@ def test_shared_duie_and_ske_files():
     assert sum(len(t) for _, t in dev) == score_texts(refs, refs)["n_gold"]
     ske = list(read_ie_file(ie / "ske-sample" / "train_data_sample.json"))
     assert len(ske) == 50 and all(all(isinstance(x, str) and x for x in tr) for _, ts in ske for tr in ts)
+
+
+def test_datasets_sources_globs_and_csv(tmp_path):
+    """The IE builder reads datasets sources (hf:NAME[:SPLIT][?...]), globs and .parquet like its own files."""
+    recs = [{"text": f"句子{i}由作者{i}写成", "spo_list": [{"subject": f"句子{i}", "predicate": "作者",
+                                                         "object": f"作者{i}"}]} for i in range(3)]
+    (tmp_path / "a").mkdir()
+    for i, r in enumerate(recs):
+        _lines(tmp_path / "a" / f"part{i}.json", [r])
+    want = [f"句子{i}由作者{i}写成" for i in range(3)]
+    assert [t for t, _ in read_ie_file(f"hf:json:train?data_files={tmp_path}/a/*.json")] == want
+    assert [t for t, _ in read_ie_file(f"{tmp_path}/a/*.json")] == want
+    pd.DataFrame(recs).to_parquet(tmp_path / "ie.parquet")
+    stats = ReadStats()
+    assert [t for t, _ in read_ie_file(str(tmp_path / "ie.parquet"), stats)] == want and stats.kept == 3

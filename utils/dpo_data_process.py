@@ -34,9 +34,10 @@ from rich.table import Table
 from config import DPOConfig
 from model.progress import track
 from model.tokenizer import load_tokenizer
-from utils.readers import Bad, read_dpo
+from model.sources import expand_path, iter_records
+from utils.readers import Bad, _dpo_from_record, read_dpo
 
-DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 _DEFAULT = DPOConfig()
 
 
@@ -48,7 +49,9 @@ def data_files(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if str(item).startswith("hf:") or any(c in str(item) for c in "*?["):  # a datasets source, a glob
+            files += [x if x.startswith("hf:") else Path(x) for x in expand_path(str(item))]
+        elif p.is_dir():
             files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES)
         elif p.is_file():
             files.append(p)
@@ -88,7 +91,10 @@ def iter_preference_pairs(path: str | Path, counts: Optional[Counter] = None) ->
     counts = counts if counts is not None else Counter()
     p = Path(path)
     first_error, good = None, 0
-    if p.suffix == ".parquet":
+    if str(path).startswith("hf:") or p.suffix == ".csv":  # a datasets source (model/sources.py)
+        source = _any_source_pairs(str(path))
+        p = Path(str(path).replace("/", "_"))  # its name in the "source" column
+    elif p.suffix == ".parquet":
         df = pd.read_parquet(p)
         missing = [c for c in ("prompt", "chosen", "rejected") if c not in df.columns]
         if missing:
@@ -111,6 +117,20 @@ def iter_preference_pairs(path: str | Path, counts: Optional[Counter] = None) ->
                "source": p.name}
     if counts["read"] and not good and first_error:
         raise ValueError(f"{p}: no record matches a preference schema; first problem: {first_error}")
+
+
+def _any_source_pairs(spec: str) -> Iterator:
+    """Records of a datasets source or a .csv file through read_dpo's schemas (model/sources.py reads them)."""
+    for where, rec, err in iter_records(spec):
+        if err is not None or not isinstance(rec, dict):
+            yield Bad("invalid_json", where, err or "not a record")
+            continue
+        try:
+            yield _dpo_from_record(rec)
+        except KeyError as e:
+            yield Bad("missing_field", where, f"no {e.args[0]!r}")
+        except (ValueError, TypeError, AttributeError) as e:
+            yield Bad("invalid_json", where, str(e))
 
 
 # ----------------------------------------------------------------------------------------- filtering
@@ -229,13 +249,15 @@ def read_prompt_answer(path: str | Path, counts: Counter, limit: int = 0) -> lis
     """prompt/response rows (parquet or JSON with those columns; ``chosen`` is accepted for ``response``);
     ``limit`` > 0 reads only the first rows."""
     p = Path(path)
+    if str(path).startswith("hf:") or not p.is_file() or p.suffix not in (".parquet", ".json", ".jsonl"):
+        return _rows_from_sources(path, counts, limit)
     if p.suffix == ".parquet":
         df = pd.read_parquet(p)
     else:
         df = pd.DataFrame(load_records(p))
     answer = "response" if "response" in df.columns else ("chosen" if "chosen" in df.columns else None)
     if "prompt" not in df.columns or answer is None:
-        raise ValueError(f"{p}: needs columns prompt and response (or chosen); has {', '.join(map(str, df.columns))}")
+        return _rows_from_sources(path, counts, limit)  # completion, alpaca or messages columns
     if limit > 0:
         df = df.head(limit)
     rows = []
@@ -245,6 +267,26 @@ def read_prompt_answer(path: str | Path, counts: Counter, limit: int = 0) -> lis
             counts["skipped_empty"] += 1
             continue
         rows.append({"prompt": prompt.strip(), "chosen": resp.strip()})
+    return rows
+
+
+def _rows_from_sources(spec, counts: Counter, limit: int = 0) -> list[dict]:
+    """prompt/response rows of any training source (model/sources.py: globs, folders, .csv, datasets sources;
+    completion, alpaca and messages columns)."""
+    from model.sources import iter_source_rows, open_sources
+    rows = []
+    for src in open_sources(spec):
+        if src.kind != "pairs":
+            raise ValueError(f"{src.path}: needs prompt/response rows, found {src.schema} rows")
+        for _, chunk, _ in iter_source_rows(src):
+            for prompt, resp in chunk:
+                if limit > 0 and counts["read"] >= limit:
+                    return rows
+                counts["read"] += 1
+                if not prompt.strip() or not resp.strip():
+                    counts["skipped_empty"] += 1
+                    continue
+                rows.append({"prompt": prompt.strip(), "chosen": resp.strip()})
     return rows
 
 

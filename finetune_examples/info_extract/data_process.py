@@ -27,6 +27,7 @@ if __package__ in (None, ""):
 import pandas as pd
 from rich.console import Console
 
+from model.sources import iter_records as iter_any_records
 from model.tokenizer import load_tokenizer
 
 PROMPT_PREFIX = "请抽取出给定句子中的所有三元组。给定句子："
@@ -98,7 +99,12 @@ def _parse_line(line: str):
 
 
 def iter_records(path: str | Path):
-    """Raw records with a location string: JSON lines, `||` lines, or one JSON array."""
+    """Raw records with a location string: JSON lines, `||` lines, or one JSON array; also globs, folders,
+    .csv/.parquet files and ``datasets`` sources (``hf:NAME[:SPLIT][?...]``, see model/sources.py)."""
+    if str(path).startswith("hf:") or any(c in str(path) for c in "*?[,") or Path(path).is_dir() \
+            or Path(path).suffix in (".csv", ".parquet"):
+        yield from iter_any_records(str(path))
+        return
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
