@@ -74,7 +74,8 @@ class TrainConfig:
     valid_file: Optional[str] = "data/generated/all/my_valid_dataset.parquet"  # held-out pairs for eval loss, bpc and BLEU (None: no eval)
     tokenizer_dir: str = "model_save/tokenizer"  # tokenizer folder for a model trained from scratch
     output_dir: str = "model_save/pretrain"  # final model (plain HF folder), checkpoints/, metrics.jsonl, loss_curve.png
-    init_from: Optional[str] = None  # a model folder to start from (SFT: the pretrained model)
+    init_from: Optional[str] = None  # a model folder (or hub id) to start from (SFT: the pretrained model)
+    push_to_hub: Optional[str] = None  # a hub repo id: upload the final folder (with its model card) there
     is_finetune: bool = False  # SFT: start from --init_from
     is_keep_training: bool = False  # continue exactly from the newest checkpoint in output_dir
     freeze: str = "none"  # none | decoder_only (reference SFT: embeddings and encoder frozen)
@@ -151,7 +152,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 class DPOConfig:
     """Preference optimisation (DPO/IPO) of the SFT model, full or LoRA (model/dpo.py, dpo_train.py)."""
 
-    sft_model_dir: str = "model_save/sft"  # the policy to start from (a plain model folder)
+    sft_model_dir: str = "model_save/sft"  # the policy to start from (a plain model folder or a hub id)
+    push_to_hub: Optional[str] = None  # a hub repo id: upload the final folder (with its model card) there
     ref_model_dir: Optional[str] = None  # the reference policy; default: the SFT model itself
     train_file: str = "data/generated/dpo/my_dpo_train.parquet"  # parquet with prompt, chosen, rejected
     valid_file: Optional[str] = None  # held-out pairs (build writes my_dpo_valid.parquet); None: train_file
@@ -435,6 +437,7 @@ class PipelineConfig:
     # the final model is the DPO model (else the SFT model). The demo ships its SFT model: on its 24 toy triples
     # DPO (margin 0 -> 1.55) turned one correct held-out answer wrong, measured; the DPO stage still runs.
     use_dpo_model: bool = False  # the final model is the DPO model (else the SFT model)
+    push_to_hub: Optional[str] = None  # a hub repo id: the final stage uploads the final folder there
     ceval_dir: str = "data/demo/ceval"  # C-Eval-shaped CSV folder
     ceval_split: str = "val"  # dev | val | test
     ceval: dict = field(default_factory=dict)  # more eval/c_eval.py flags (subjects, batch_size, ...)

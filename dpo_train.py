@@ -23,7 +23,12 @@ def train(**overrides):
     from model.dpo import train_dpo  # torch loads after the flags are checked
     result = train_dpo(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        keys = ("steps", "output_dir", "eval_before", "eval_after", "train_time_s")
+        from model.hub import push_folder, write_model_card
+        folder = result.get("merged_dir") or cfg.output_dir  # LoRA: the merged plain folder
+        write_model_card(folder, training_data=str(cfg.train_file))
+        if cfg.push_to_hub:
+            result["pushed_to"] = push_folder(folder, cfg.push_to_hub)
+        keys = ("steps", "output_dir", "eval_before", "eval_after", "train_time_s", "pushed_to")
         print(json.dumps({k: result[k] for k in keys if k in result}, ensure_ascii=False))
 
 

@@ -338,8 +338,13 @@ def export_final(cfg: PipelineConfig) -> dict:
     for f in src.iterdir():
         if f.is_file() and f.name != SUMMARY:
             shutil.copy2(f, root / f.name)
+    from model.hub import push_folder, write_model_card
+    write_model_card(root, extra={"pipeline_profile": cfg.profile, "from_stage": src.name})
     console.print(f"final model: {root} (from {src})")
-    return {"source": str(src)}
+    out = {"source": str(src)}
+    if cfg.push_to_hub:
+        out["pushed_to"] = push_folder(root, cfg.push_to_hub)
+    return out
 
 
 def sample_chats(cfg: PipelineConfig) -> dict:

@@ -5,6 +5,7 @@
     accelerate launch train.py --is_keep_training=True        # continue exactly after a stop or a kill
     python train.py --stage=demo_pretrain                      # one CPU process works too
     python train.py --help                                     # every field with its type, default and meaning
+    python train.py ... --push_to_hub=me/chatlm-sft            # upload the final folder and its model card
 
 Every TrainConfig field is a flag (``--learning_rate=1e-4``); ``--stage`` picks a TRAIN_PRESETS entry first.
 ``python train.py train ...`` (the older spelling) still works.
@@ -22,6 +23,10 @@ def train(stage: str | None = None, **overrides) -> None:
     cfg = train_config(stage, **overrides)
     result = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
+        from model.hub import push_folder, write_model_card
+        write_model_card(cfg.output_dir, training_data=str(cfg.train_file))  # with the run's final figures
+        if cfg.push_to_hub:
+            result["pushed_to"] = push_folder(cfg.output_dir, cfg.push_to_hub)
         print(json.dumps(result, ensure_ascii=False, default=str))
 
 

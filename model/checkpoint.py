@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from model.hub import resolve_model_dir, write_model_card
+
 REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                   "tokenizer_config.json")
 
@@ -40,6 +42,8 @@ def _write_model(model, tokenizer, folder: Path) -> None:
         from model.prompt import CHAT_TEMPLATE
         tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(folder), save_jinja_files=False)  # chat_template in tokenizer_config.json
+    from model.tokenizer import save_sentencepiece_model
+    save_sentencepiece_model(tokenizer, folder)
     if not is_adapter(model):
         missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
         if missing:
@@ -59,6 +63,8 @@ def save_model_folder(model, tokenizer, out_dir: str | Path) -> Path:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    if not is_adapter(getattr(model, "module", model)):
+        write_model_card(out)
     return out
 
 
@@ -76,6 +82,8 @@ def publish_model(model, tokenizer, out_dir: str | Path) -> Path:
             shutil.rmtree(target)
         os.replace(f, target)
     shutil.rmtree(tmp, ignore_errors=True)
+    if not is_adapter(getattr(model, "module", model)):
+        write_model_card(out)  # with the figures of an earlier run in out_dir, where present
     return out
 
 
@@ -146,7 +154,8 @@ def load_run_state(accelerator, ckpt: Path) -> tuple[dict, dict]:
 
 
 def check_model_folder(path: str | Path) -> Path:
-    p = Path(path)
+    """The model folder, checked; a hub id (``org/name`` that is not a local path) is downloaded first."""
+    p = resolve_model_dir(path)
     if not p.is_dir():
         raise FileNotFoundError(f"model folder {p} does not exist: train one first (make demo writes "
                                 f"model_save/demo) or pass --model_dir")

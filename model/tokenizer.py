@@ -41,6 +41,7 @@ KEEP_CHARS = ["\n", "\t", "▁"]  # always in the vocabulary (layout of code and
 DEFAULT_MAX_PIECES = 1_000_000  # count-table cap: bounds memory whatever the corpus size
 DEFAULT_CHUNK_CHARS = 8  # longer pieces (CJK runs) are counted as chunks of this many characters
 DEFAULT_FEED_PIECES = 5_000_000  # at most this many weighted pieces are fed to the BPE trainer
+SENTENCEPIECE_FILE = "sentencepiece.model"  # kept in the folder of a tokenizer trained with --sentencepiece
 MAX_ALPHABET_SHARE = 0.75  # single characters may take at most this share of the learnable ids (char level)
 
 
@@ -253,6 +254,7 @@ def _train_sentencepiece(counts: PieceCounts, kind: str, vocab_size: int, token_
             eos_id=-1, pad_id=-1, max_sentencepiece_length=16,
             num_threads=num_threads or min(os.cpu_count() or 1, 8), minloglevel=2)
         sp = spm.SentencePieceProcessor(model_file=str(Path(tmp) / "m.model"))
+        sp_model = (Path(tmp) / "m.model").read_bytes()
     specials = special_tokens(num_sentinels)
     taken = set(specials)
     pieces: list[tuple[str, float]] = []
@@ -273,7 +275,9 @@ def _train_sentencepiece(counts: PieceCounts, kind: str, vocab_size: int, token_
                                    unk_token="[UNK]", byte_fallback=True))
     base = new_bpe_tokenizer("char")
     tok.normalizer, tok.pre_tokenizer, tok.decoder = base.normalizer, base.pre_tokenizer, base.decoder
-    return finalize(tok, token_type, num_sentinels)
+    fast = finalize(tok, token_type, num_sentinels)
+    fast.sentencepiece_model = sp_model  # saved beside tokenizer.json as SENTENCEPIECE_FILE
+    return fast
 
 
 def _bpe_from_ranked_pieces(specials: list[str], pieces: list[str]):
@@ -352,7 +356,16 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> P
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out), save_jinja_files=False)  # chat_template in tokenizer_config.json
+    save_sentencepiece_model(tokenizer, out)
     return out
+
+
+def save_sentencepiece_model(tokenizer, out: Path) -> None:
+    """A tokenizer trained with ``--sentencepiece`` keeps sentencepiece's own model file in its folder (for
+    tools that read it; the fast tokenizer, with the project's fixed ids, is tokenizer.json)."""
+    sp = getattr(tokenizer, "sentencepiece_model", None)
+    if sp:
+        (Path(out) / SENTENCEPIECE_FILE).write_bytes(sp)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
@@ -365,6 +378,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
     tok = AutoTokenizer.from_pretrained(str(p))
     check_tokenizer(tok, source=str(p))
+    if (p / SENTENCEPIECE_FILE).is_file():
+        tok.sentencepiece_model = (p / SENTENCEPIECE_FILE).read_bytes()
     return tok
 
 

@@ -120,6 +120,23 @@ def test_plain_autotokenizer_loads_the_saved_folder(tokenizers, tmp_path):
         assert load_tokenizer(d).decode(plain(text)["input_ids"], skip_special_tokens=True) == text
 
 
+def test_sentencepiece_option_keeps_its_model_file(tokenizers, tmp_path, tiny_model_dir):
+    import sentencepiece as spm
+    from model.chat_model import TextToTextModel
+    from model.checkpoint import save_model_folder
+    from model.tokenizer import SENTENCEPIECE_FILE
+    for kind in ("spm_unigram", "spm_bpe"):
+        d = save_tokenizer(tokenizers[kind], tmp_path / kind)
+        sp = spm.SentencePieceProcessor(model_file=str(d / SENTENCEPIECE_FILE))
+        assert sp.get_piece_size() > 100
+        assert "".join(sp.encode(ROUND_TRIP[0], out_type=str)).replace("▁", " ") == ROUND_TRIP[0]
+        # a model folder made from that tokenizer folder keeps it too
+        model = TextToTextModel.from_pretrained(str(tiny_model_dir))
+        folder = save_model_folder(model, load_tokenizer(d), tmp_path / f"model_{kind}")
+        assert (folder / SENTENCEPIECE_FILE).read_bytes() == (d / SENTENCEPIECE_FILE).read_bytes()
+    assert not (save_tokenizer(tokenizers["char"], tmp_path / "c") / SENTENCEPIECE_FILE).exists()
+
+
 # ---------------------------------------------------------------------------------------------- counting
 def test_char_splitter_matches_the_hf_pre_tokenizer():
     """The fast regex splitter used for counting must cut exactly where the tokenizer's pre-tokeniser does."""
