@@ -105,6 +105,7 @@ class TrainConfig:
     group_by_length: bool = True  # batch pairs of similar length
     length_group_batches: int = 64  # batches sorted together when grouping by length
     pad_to_multiple_of: int = 0  # 8 helps tensor cores on GPU; 0 pads to the batch's longest
+    packing: bool = False  # several examples per row (block-diagonal attention): a batch is batch_size full rows
     text_mode: str = "prefix"  # how `text` rows become pairs: prefix | span | mix
     noise_density: float = 0.15  # span corruption: share of tokens masked
     mean_noise_span_length: float = 3.0  # span corruption: mean masked span

@@ -1,10 +1,13 @@
 """Training throughput: train.py's trainer against transformers' Seq2SeqTrainer, same model and data, one run.
 
-Three trainers on the same initial weights, data, batch size and step count:
-  * ours       - model.trainer.train (train.py): AdamW, length-grouped batches, dynamic padding;
+Four trainers on the same initial weights, data, batch size and step count:
+  * ours       - model.trainer.train (train.py) with ``packing=True``: several examples per row, block-diagonal
+                 attention (a batch is ``batch_size`` packed rows);
+  * ours_grouped - the same trainer without packing: length-grouped batches, dynamic padding;
   * hf_ref     - Seq2SeqTrainer with the reference project's settings (Adafactor, random sampling);
   * hf_grouped - the same with ``train_sampling_strategy="group_by_length"``.
-Figure: non-pad training tokens (source + target) per second of the training loop; ``ratio`` = ours / hf_ref.
+Figure: non-pad training tokens (source + target) per second of the training loop; ``ratio`` = ours / hf_ref;
+``pad_share`` = padded positions / all positions of ours (``<name>_pad_share`` for each trainer).
 On a CPU the seconds are the process's CPU seconds (``time.process_time``, one thread): on a shared machine
 wall-clock rates swung 2x between identical runs, CPU time does not; wall-clock rates are reported beside them.
 On a GPU the seconds are wall-clock. An MFU estimate divides the model FLOPs of those tokens by a matmul peak
@@ -89,12 +92,13 @@ class CountingCollator:
 
     def __init__(self):
         from model.dataset import Seq2SeqCollator
-        self.inner, self.counts = Seq2SeqCollator(), []
+        self.inner, self.counts, self.sizes = Seq2SeqCollator(), [], []
 
     def __call__(self, features):
         batch = self.inner(features)
         self.counts.append((int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum()),
                             batch["input_ids"].shape[1], batch["labels"].shape[1]))
+        self.sizes.append(batch["input_ids"].shape[0])
         return batch
 
 
@@ -112,17 +116,17 @@ def prepare(out: Path, train_file: str, preset: str, vocab_size: int, max_len: i
     return save_model_folder(model, tok, out / "init")
 
 
-def run_ours(base: dict, init: Path, out: Path, device: str) -> dict:
+def run_ours(base: dict, init: Path, out: Path, device: str, packing: bool) -> dict:
     from model.trainer import train, train_config
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    res = train(train_config(None, init_from=str(init), output_dir=str(out), **base))
+    res = train(train_config(None, init_from=str(init), output_dir=str(out), packing=packing, **base))
     tokens = res["train_tokens"]
     secs = res["runtime_s"] if device == "cuda" else res["cpu_s"]
     return {"tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs,
             "wall_tokens_per_s": tokens / res["runtime_s"],
             "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None,
-            "final_loss": res.get("loss")}
+            "final_loss": res.get("loss"), "pad_share": res["pad_share"]}
 
 
 def run_hf(base: dict, init: Path, out: Path, device: str, group: bool, steps: int) -> dict:
@@ -138,7 +142,9 @@ def run_hf(base: dict, init: Path, out: Path, device: str, group: bool, steps: i
     return {"tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs,
             "wall_tokens_per_s": tokens / timer.wall,
             "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None,
-            "final_loss": res.get("train_loss"), "counts": used}
+            "final_loss": res.get("train_loss"), "counts": used,
+            "pad_share": 1 - tokens / sum(len_s * bs + len_t * bs for (_, _, len_s, len_t), bs in
+                                          zip(used, coll.sizes[:steps]))}
 
 
 def main(quick: bool = False, device: str = "cpu", preset: str = "small", bf16: bool = False,
@@ -164,9 +170,10 @@ def main(quick: bool = False, device: str = "cpu", preset: str = "small", bf16: 
                 warmup_steps=0.1, save_steps=10 ** 9, eval_steps=10 ** 9, logging_steps=steps, log_with="none",
                 show_progress=False, num_threads=num_threads, mixed_precision=mp, cpu=device == "cpu",
                 seed=42, keep_last_n=1, save_best=False)
-    runs: dict[str, list] = {"ours": [], "hf_ref": [], "hf_grouped": []}
+    runs: dict[str, list] = {"ours": [], "ours_grouped": [], "hf_ref": [], "hf_grouped": []}
     for r in range(rounds):
-        runs["ours"].append(run_ours(base, init, out / f"ours{r}", device))
+        runs["ours"].append(run_ours(base, init, out / f"ours{r}", device, packing=True))
+        runs["ours_grouped"].append(run_ours(base, init, out / f"ours_grouped{r}", device, packing=False))
         runs["hf_ref"].append(run_hf(base, init, out / f"hf_ref{r}", device, False, steps))
         runs["hf_grouped"].append(run_hf(base, init, out / f"hf_grouped{r}", device, True, steps))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['tokens_per_s']:.0f} tok/s" for k, v in runs.items()),
@@ -183,6 +190,7 @@ def main(quick: bool = False, device: str = "cpu", preset: str = "small", bf16: 
         str(init)).parameters())
     result = {"bench": "train", "ratio": round(best["ours"]["tokens_per_s"] / best["hf_ref"]["tokens_per_s"], 3),
               "ratio_vs_hf_grouped": round(best["ours"]["tokens_per_s"] / best["hf_grouped"]["tokens_per_s"], 3),
+              "pad_share": round(best["ours"]["pad_share"], 4),
               "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({num_threads} thread(s))",
               "preset": preset, "params": params, "dtype": mp, "batch_size": batch_size, "steps": steps,
               "rounds": rounds, "max_len": max_len, "data": str(train_file),
@@ -193,6 +201,7 @@ def main(quick: bool = False, device: str = "cpu", preset: str = "small", bf16: 
         result[f"{k}_all_rounds_tokens_per_s"] = [round(x["tokens_per_s"], 1) for x in runs[k]]
         result[f"{k}_wall_tokens_per_s"] = round(v["wall_tokens_per_s"], 1)
         result[f"{k}_mfu"] = round(v["tokens_per_s"] * flops_per_token / peak, 4)
+        result[f"{k}_pad_share"] = round(v["pad_share"], 4)
         if v["peak_gpu_mem_gb"] is not None:
             result[f"{k}_peak_gpu_mem_gb"] = round(v["peak_gpu_mem_gb"], 3)
     print(json.dumps(result))

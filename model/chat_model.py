@@ -33,20 +33,28 @@ class TextToTextModel(T5ForConditionalGeneration):
         return model
 
     # -------------------------------------------------------------------------------------------- maths
-    def target_loss(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    def target_loss(self, input_ids, attention_mask, labels, decoder_input_ids=None, source_segments=None,
+                    target_segments=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy of the target tokens and their count (so accumulation can weight by tokens).
 
         Same computation as ``forward(labels=...)``, except that the LM head and the softmax run only on the
-        positions that count (padding costs nothing there) and the decoder builds no KV cache.
+        positions that count (padding costs nothing there) and the decoder builds no KV cache. Packed rows
+        (:mod:`model.packing`) bring their segment numbers and per-example decoder inputs.
         """
-        enc = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
-        h = self.decoder(input_ids=self._shift_right(labels), encoder_hidden_states=enc,
-                         encoder_attention_mask=attention_mask, use_cache=False, return_dict=True).last_hidden_state
+        enc_mask, dec_mask, cross_mask = attention_mask, None, attention_mask
+        if source_segments is not None:
+            from model.packing import segment_masks
+            enc_mask, dec_mask, cross_mask = segment_masks(source_segments, target_segments, self.dtype)
+        if decoder_input_ids is None:
+            decoder_input_ids = self._shift_right(labels)
+        enc = self.encoder(input_ids=input_ids, attention_mask=enc_mask, return_dict=True).last_hidden_state
+        h = self.decoder(input_ids=decoder_input_ids, attention_mask=dec_mask, encoder_hidden_states=enc,
+                         encoder_attention_mask=cross_mask, use_cache=False, return_dict=True).last_hidden_state
         if getattr(self.config, "scale_decoder_outputs", self.config.tie_word_embeddings):
             h = h * (self.model_dim ** -0.5)
         keep = labels != IGNORE_INDEX
         logits = self.lm_head(h[keep])
-        return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), keep.sum()
+        return F.cross_entropy(_at_least_fp32(logits), labels[keep], reduction="sum"), keep.sum()
 
     def pair_logps(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities (sums over target tokens) and token counts of ``2B`` responses given ``B`` prompts.
@@ -191,6 +199,11 @@ class TextToTextModel(T5ForConditionalGeneration):
         return dec
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits go up to fp32 for the softmax; float64 (tests) stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def optimizer_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (any module: the rule is the same)."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -202,7 +215,7 @@ def optimizer_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log p(label) over the scored positions of each row, and their count (in fp32)."""
     mask = labels != IGNORE_INDEX
-    logits = logits.float()
+    logits = _at_least_fp32(logits)
     tok = torch.gather(logits, 2, labels.masked_fill(~mask, 0).unsqueeze(2)).squeeze(2) - torch.logsumexp(logits, -1)
     return (tok * mask).sum(-1), mask.sum(-1)
 

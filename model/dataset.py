@@ -29,6 +29,7 @@ import torch
 from rich.progress import Progress
 
 from config import EOS_ID, PAD_ID, sentinel_token
+from model.packing import collate_packed, pack_rows
 
 IGNORE_INDEX = -100
 TEXT_MODES = ("prefix", "span", "mix")
@@ -277,6 +278,17 @@ def _group_batches(items: list, lengths, batch_size: int, group_by_length: bool,
     return batches
 
 
+def _packed_batches(items: list, pair_lengths, batch_size: int, max_source_len: int, max_target_len: int,
+                    rng: np.random.Generator) -> list[list[list]]:
+    """Items packed into rows (:func:`model.packing.pack_rows`), rows of similar fill batched together, the
+    batch order shuffled. Each batch is a list of rows, each row a list of items."""
+    lens = np.asarray(pair_lengths, dtype=np.int64).reshape(-1, 2)
+    rows = pack_rows(lens, max_source_len, max_target_len)
+    rows.sort(key=lambda r: -int(lens[r].sum()))
+    batches = [[[items[i] for i in r] for r in rows[j: j + batch_size]] for j in range(0, len(rows), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 # --------------------------------------------------------------------------------------- in memory
 class TextToTextDataset(torch.utils.data.Dataset):
     """Map-style dataset: every row tokenised once and held in memory.
@@ -359,8 +371,9 @@ class InMemoryBatches:
 
     def __init__(self, dataset: TextToTextDataset, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, group_by_length: bool = True, length_group_batches: int = 64,
-                 pad_to_multiple_of: int = 0):
+                 pad_to_multiple_of: int = 0, packing: bool = False):
         self.ds, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
+        self.packing = packing
         self.seed, self.shuffle, self.group_by_length = seed, shuffle, group_by_length
         self.length_group_batches, self.pad_to_multiple_of = max(1, length_group_batches), pad_to_multiple_of
         self.epoch, self.batch_index = 0, 0
@@ -390,6 +403,12 @@ class InMemoryBatches:
         group = self.batch_size * (self.length_group_batches if self.group_by_length else 1)
         for i in range(0, len(mine), group):
             chunk = list(range(i, min(i + group, len(mine))))
+            if self.packing:  # exact lengths: text rows are split into pairs now (the split is per epoch)
+                exact = [tuple(map(len, self.ds.pair(mine[j], epoch))) for j in chunk]
+                enc = self.ds.encoder
+                for b in _packed_batches(chunk, exact, self.batch_size, enc.max_source_len, enc.max_target_len, rng):
+                    batches.append([mine[r] for r in b])
+                continue
             lengths = all_lengths[i: i + len(chunk)]
             for b in _group_batches(chunk, lengths, self.batch_size, self.group_by_length and self.shuffle, rng):
                 batches.append(mine[b])
@@ -403,6 +422,9 @@ class InMemoryBatches:
             batches = self.plan(self.epoch)
         keys = batches[self.batch_index]
         self.batch_index += 1
+        if self.packing:
+            rows = [[self.ds.pair(k, self.epoch) for k in row] for row in keys]
+            return Batch(collate_packed(rows), [tuple(map(int, k)) for row in keys for k in row], self.epoch)
         pairs = [self.ds.pair(k, self.epoch) for k in keys]
         return Batch(collate_pairs(pairs, self.pad_to_multiple_of), [tuple(map(int, k)) for k in keys],
                      self.epoch)
@@ -456,14 +478,14 @@ class StreamingBatches:
                  shuffle_buffer: int = 10000, group_by_length: bool = True, length_group_batches: int = 64,
                  max_source_len: int = 256, max_target_len: int = 256, text_mode: str = "prefix",
                  noise_density: float = 0.15, mean_noise_span_length: float = 3.0, pad_to_multiple_of: int = 0,
-                 read_chunk: int = 1024):
+                 read_chunk: int = 1024, packing: bool = False):
         self.sources = open_sources(files)
         self.encoder = Encoder(tokenizer, max_source_len, max_target_len, text_mode, noise_density,
                                mean_noise_span_length, seed)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.group_by_length, self.length_group_batches = group_by_length, max(1, length_group_batches)
-        self.pad_to_multiple_of, self.read_chunk = pad_to_multiple_of, read_chunk
+        self.pad_to_multiple_of, self.read_chunk, self.packing = pad_to_multiple_of, read_chunk, packing
         self._readers: dict = {}
         self._start_epoch(0)
         if self.samples_per_rank(0) == 0:
@@ -602,7 +624,11 @@ class StreamingBatches:
             if it is None:
                 break
             items.append(it)
-        if items:
+        if items and self.packing:
+            exact = [tuple(map(len, self.encoder.to_pair(e, self.st.epoch, key))) for key, e in items]
+            self.st.ready = _packed_batches(items, exact, self.batch_size, self.encoder.max_source_len,
+                                            self.encoder.max_target_len, self._rng)
+        elif items:
             lengths = [self.encoder.length(e) for _, e in items]
             self.st.ready = _group_batches(items, lengths, self.batch_size, self.group_by_length, self._rng)
 
@@ -616,6 +642,9 @@ class StreamingBatches:
                 raise RuntimeError("the training files produced no usable sample in a whole epoch")
         batch = self.st.ready.pop(0)
         self.st.batch_index += 1
+        if self.packing:
+            rows = [[self.encoder.to_pair(e, self.st.epoch, key) for key, e in row] for row in batch]
+            return Batch(collate_packed(rows), [tuple(k) for row in batch for k, _ in row], self.st.epoch)
         pairs = [self.encoder.to_pair(e, self.st.epoch, key) for key, e in batch]
         return Batch(collate_pairs(pairs, self.pad_to_multiple_of), [tuple(k) for k, _ in batch], self.st.epoch)
 
@@ -681,7 +710,7 @@ def make_batches(cfg, tokenizer, rank: int = 0, world_size: int = 1, show_progre
     if cfg.streaming:
         return StreamingBatches(cfg.train_file, tokenizer, cfg.batch_size_per_gpu, rank, world_size, cfg.seed,
                                 cfg.shuffle_buffer, cfg.group_by_length, cfg.length_group_batches,
-                                pad_to_multiple_of=cfg.pad_to_multiple_of, **common)
+                                pad_to_multiple_of=cfg.pad_to_multiple_of, packing=cfg.packing, **common)
     ds = TextToTextDataset(cfg.train_file, tokenizer, seed=cfg.seed, show_progress=show_progress, **common)
     return InMemoryBatches(ds, cfg.batch_size_per_gpu, rank, world_size, cfg.seed, True, cfg.group_by_length,
-                           cfg.length_group_batches, cfg.pad_to_multiple_of)
+                           cfg.length_group_batches, cfg.pad_to_multiple_of, cfg.packing)

@@ -79,8 +79,8 @@ class TargetLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels):
-        return self.model.target_loss(input_ids, attention_mask, labels)
+    def forward(self, **batch):
+        return self.model.target_loss(**batch)
 
 
 class Seq2SeqObjective(Objective):

@@ -38,7 +38,7 @@ def test_pretrain_resumes_from_checkpoint(tok_dir, demo_data, tmp_path):
     assert res_b["steps"] == 6
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+        assert torch.equal(wa[k], wb[k]), k  # a run continued from its own checkpoint, same machine: bitwise
 
 
 def test_reference_settings_and_streaming_run(tok_dir, demo_data, tmp_path):

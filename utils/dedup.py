@@ -380,17 +380,9 @@ class U64Table:
         """Values for ``keys`` (int64), -1 where absent (and for key 0)."""
         keys = np.asarray(keys, self.key_dtype)
         res = np.full(keys.shape[0], -1, np.int64)
-        active = np.flatnonzero(keys)
-        pos = self._home(keys)
-        while active.size:
-            p = pos[active]
-            slot = self.keys[p]
-            hit = slot == keys[active]
-            if hit.any():
-                res[active[hit]] = self.vals[p[hit]] if self.vals is not None else 1
-            go_on = ~hit & (slot != 0)
-            active = active[go_on]
-            pos[active] = (pos[active] + 1) & self.mask
+        present = self._insert(keys, None, res if self.vals is not None else None, write=False)
+        if self.vals is None:
+            res[present] = 1
         return res
 
     def insert(self, keys: np.ndarray, vals: np.ndarray | None = None) -> np.ndarray:
@@ -409,7 +401,9 @@ class U64Table:
         self._insert(keys, vals, found)
         return found
 
-    def _insert(self, keys: np.ndarray, vals: np.ndarray | None, found: np.ndarray | None = None) -> np.ndarray:
+    def _insert(self, keys: np.ndarray, vals: np.ndarray | None, found: np.ndarray | None = None,
+                write: bool = True) -> np.ndarray:
+        """Linear probing for every key at once; ``write=False`` only looks (an empty slot ends the search)."""
         present = np.zeros(keys.shape[0], bool)
         active = np.flatnonzero(keys)
         pos = self._home(keys)
@@ -421,8 +415,8 @@ class U64Table:
             if found is not None and hit.any():
                 found[active[hit]] = self.vals[p[hit]]
             empty = slot == 0
-            done = hit.copy()
-            if empty.any():
+            done = hit | (empty if not write else False)
+            if write and empty.any():
                 e_idx = np.flatnonzero(empty)
                 pe, ae = p[e_idx], active[e_idx]
                 # several keys may claim one empty slot: write in reverse order so that the earliest one is

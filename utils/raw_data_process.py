@@ -690,6 +690,16 @@ class Pipeline:
         return True
 
     # ---------------------------------------------------------------- dedup + write
+    def _drop_marked(self, rows: list, marks, reason: str, st: SourceStats) -> list:
+        """The rows not marked; each marked one is counted as dropped for ``reason``."""
+        kept = []
+        for r, d in zip(rows, marks):
+            if d:
+                st.drop(reason, r.loc, n_examples=self.n_examples)
+            else:
+                kept.append(r)
+        return kept
+
     def _flush(self, src: dict, batch: list[_Row], st: SourceStats, outs: Outputs):
         if not batch:
             return
@@ -708,23 +718,11 @@ class Pipeline:
             dup = table.add_batch(keys)
         else:
             dup = np.zeros(len(batch), bool)
-        survivors = []
-        for r, d in zip(batch, dup):
-            if d:
-                st.drop("exact_dup", r.loc, n_examples=self.n_examples)
-            else:
-                survivors.append(r)
+        survivors = self._drop_marked(batch, dup, "exact_dup", st)
         if survivors and self.near is not None and role in ("pretrain", "sft") and src.get("near_dedup", True):
             texts = [r.fields["text"] if role == "pretrain" else r.fields["prompt"] + "\n" + r.fields["response"]
                      for r in survivors]
-            ndup = self.near.add_batch(texts)
-            kept = []
-            for r, d in zip(survivors, ndup):
-                if d:
-                    st.drop("near_dup", r.loc, n_examples=self.n_examples)
-                else:
-                    kept.append(r)
-            survivors = kept
+            survivors = self._drop_marked(survivors, self.near.add_batch(texts), "near_dup", st)
         for r in survivors:
             self._write(src, r, st, outs)
         batch.clear()

@@ -476,24 +476,14 @@ def clean_text(text: str, options: CleanOptions | None = None) -> str:
     o = options or DEFAULT_OPTIONS
     if not text:
         return ""
-    if o.ansi:
-        text = strip_ansi(text)
-    if o.html:
-        text = strip_html(text)
-    if o.control:
-        text = strip_control_chars(text)
-    if o.unicode:
-        text = normalize_unicode(text)
-    if o.t2s:
-        text = to_simplified(text)
-    if o.whitespace:
-        text = normalize_whitespace(text, keep_newlines=o.keep_newlines)
-    if o.collapse_punct:
-        text = collapse_repeated_punctuation(text)
-    if o.cjk_punct:
-        text = fix_cjk_ascii_punctuation(text)
-    if o.whitespace:
-        text = normalize_whitespace(text, keep_newlines=o.keep_newlines)
+    spaces = lambda t: normalize_whitespace(t, keep_newlines=o.keep_newlines)  # noqa: E731
+    steps = ((o.ansi, strip_ansi), (o.html, strip_html), (o.control, strip_control_chars),
+             (o.unicode, normalize_unicode), (o.t2s, to_simplified), (o.whitespace, spaces),
+             (o.collapse_punct, collapse_repeated_punctuation), (o.cjk_punct, fix_cjk_ascii_punctuation),
+             (o.whitespace, spaces))  # punctuation fixes can leave spaces behind: normalise once more
+    for on, step in steps:
+        if on:
+            text = step(text)
     return text
 
 
