@@ -1,6 +1,8 @@
-"""HTTP API: ``POST /api/chat`` (the reference's) and OpenAI-compatible ``/v1/chat/completions``.
+"""HTTP API: ``POST /api/chat`` (the reference's), OpenAI-compatible ``/v1/chat/completions`` and
+``/v1/completions``, ``/health``, ``/metrics``, and a web chat page at ``/`` (http://127.0.0.1:8812/).
 
     python api_demo.py --model_dir=model_save/sft [--port=8812] [--api_key=KEY] [--engine=ct2]
+    python api_demo.py --cors_origins=http://localhost:3000   # let a browser app on that origin call the API
     python api_demo.py --help                      # every InferConfig field with its type, default and meaning
 
 Any InferConfig field can be given (``--max_concurrency=4 --max_new_tokens=128``); the key may also come from

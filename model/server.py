@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
 import httpx
 import uvicorn
@@ -732,7 +732,9 @@ def serve(cfg: InferConfig) -> None:
     bot = ChatBot(cfg)
     app = create_app(bot)
     auth = "on" if get_state(app).api_key else "off (set --api_key or CHATLM_API_KEY to require a key)"
-    print(f"serving {bot.model_name} ({bot.engine}) on http://{cfg.host}:{cfg.port}  auth: {auth}", flush=True)
+    mode = "batched" if get_state(app).batcher is not None else "one request per thread"
+    print(f"serving {bot.model_name} ({bot.engine}, {mode}) on http://{cfg.host}:{cfg.port}  auth: {auth}\n"
+          f"chat page: http://{cfg.host}:{cfg.port}/", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
 
 
@@ -771,6 +773,15 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=15)
         self._sock.close()
+
+
+def sse_events(response) -> Iterator[dict]:
+    """The JSON events of a streamed answer (an httpx streaming response), up to ``data: [DONE]``."""
+    for line in response.iter_lines():
+        if line == "data: [DONE]":
+            return
+        if line.startswith("data: "):
+            yield json.loads(line[6:])
 
 
 def sample_exchange(model_dir: str, prompt: str = "你好", max_new_tokens: int = 64, **overrides) -> str:
