@@ -185,7 +185,8 @@ def test_clear_errors(tok_dir, demo_data, tmp_path):
     bad = tmp_path / "bad.parquet"
     import pandas as pd
     pd.DataFrame({"question": ["a"], "response": ["b"]}).to_parquet(bad)
-    with pytest.raises(ValueError, match=r"bad\.parquet: missing column 'prompt'"):
+    with pytest.raises(ValueError, match=r"bad\.parquet: no known columns: expected prompt/response.*found "
+                                         r"columns: question, response"):
         train(make_config(TrainConfig, **base_kw(tok_dir, demo_data, tmp_path / "x", train_file=str(bad))))
     with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
         train(make_config(TrainConfig, **base_kw(tok_dir, demo_data, tmp_path / "y", optimizer="lion")))
