@@ -20,8 +20,12 @@ PROMPTS = ["你好", "3加5等于多少？", "星期四的后一天是星期几�
 
 @pytest.fixture(scope="module")
 def bot(toy_model_dir):
-    return ChatBot(model_dir=str(toy_model_dir), max_new_tokens=48, max_concurrency=4, max_queue=16,
-                   max_prompt_tokens=64, max_body_bytes=4096)
+    """In float64: answers served in a shared batch are compared with answers computed alone, and only float64
+    round-off is small enough that no near tie between two tokens can flip on another CPU."""
+    b = ChatBot(model_dir=str(toy_model_dir), max_new_tokens=48, max_concurrency=4, max_queue=16,
+                max_prompt_tokens=64, max_body_bytes=4096)
+    b.model.double()
+    return b
 
 
 @pytest.fixture(scope="module")
