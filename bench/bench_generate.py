@@ -78,7 +78,9 @@ def _measure(model_dir: Path, prompts, max_new: int, threads: int, rounds: int, 
     common = dict(model_dir=str(model_dir), max_new_tokens=max_new, max_prompt_tokens=256, torch_threads=threads,
                   max_concurrency=1, search_type="greedy")
     bot = ChatBot(**common)
-    gen_cfg = bot.model.generation_kwargs("greedy", max_new, repetition_penalty=bot.cfg.repetition_penalty)
+    s = bot.settings()  # the folder's decoding defaults, as ChatBot applies them
+    gen_cfg = bot.model.generation_kwargs("greedy", max_new, repetition_penalty=s["repetition_penalty"],
+                                          no_repeat_ngram_size=s["no_repeat_ngram_size"])
     try:
         import ctranslate2  # noqa: F401
         ct2 = ChatBot(**common, engine="ct2", ct2_dir=str(ct2_dir))
