@@ -1,9 +1,11 @@
 """Embedded demo data, generated here with a fixed seed (never copied from ../shared/data).
 
-Templated facts a tiny T5 can really learn on 2 CPU cores in minutes (arithmetic, unit conversion, Chinese
-numerals, weekdays, months), a few dozen hand-written everyday Q&A pairs, preference triples, triple-extraction
-examples and C-Eval-shaped multiple-choice questions. ``HELDOUT`` questions never appear in training: the demo
-prints the model's answers to them.
+Templated facts a tiny T5 can really learn on 2 CPU cores in minutes (single-digit sums and differences, unit
+conversion, Chinese numerals, weekdays, months, the number after and before), each fact in several templates, a
+few dozen hand-written everyday Q&A pairs, preference triples, triple-extraction examples and C-Eval-shaped
+multiple-choice questions. ``HELDOUT`` questions never appear in training, in any generated file: each is one
+(template, operands) combination left out, whose fact the model sees in other templates and whose template it
+sees with other operands. The demo prints the model's answers to them (tests/test_demo_data.py checks the files).
 
     python -m utils.demo_data --out_dir data/demo
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -102,64 +105,136 @@ PROSE = [
 ]
 
 
+# Every fact is taught in several surface forms (templates). A held-out question is one (template, operands)
+# combination left out of everything the model trains on: answering it means carrying the fact over from the
+# other templates and the template over from the other operands. (With one template per fact the 2-layer model
+# memorised the table and answered 3加5 with 9 and the day after Thursday with Wednesday, every seed.)
+ADD_TEMPLATES = [  # (prompt, response) with {a} + {b} = {c}
+    ("{a}加{b}等于多少？", "{a}加{b}等于{c}。"),  # the held-out 3加5 template
+    ("{a}加{b}是多少？", "{a}加{b}是{c}。"),
+    ("{a}加上{b}得多少？", "{a}加上{b}得{c}。"),
+    ("{a}与{b}的和是多少？", "{a}与{b}的和是{c}。"),
+    ("{a}和{b}相加得几？", "{a}和{b}相加得{c}。"),
+    ("算一算：{a}+{b}=？", "{a}+{b}={c}。"),
+    ("比{a}多{b}的数是几？", "比{a}多{b}的数是{c}。"),
+    ("小明有{a}个苹果，又买了{b}个，一共有几个？", "一共有{c}个苹果。"),
+]
+SUB_TEMPLATES = [  # {c} - {b} = {a}
+    ("{c}减{b}等于多少？", "{c}减{b}等于{a}。"),
+    ("{c}减去{b}是多少？", "{c}减去{b}是{a}。"),
+    ("{c}比{b}多几？", "{c}比{b}多{a}。"),
+]
+UNITS = [("千米", "米", 1000), ("千克", "克", 1000), ("米", "厘米", 100), ("元", "角", 10)]
+UNIT_TEMPLATES = [  # {n}{big} = {m}{small}
+    ("{n}{big}等于多少{small}？", "{n}{big}等于{m}{small}。"),  # the held-out 7千米 template
+    ("{n}{big}是多少{small}？", "{n}{big}是{m}{small}。"),
+    ("{n}{big}合多少{small}？", "{n}{big}合{m}{small}。"),
+    ("{n}{big}有多少{small}？", "{n}{big}有{m}{small}。"),
+    ("把{n}{big}换算成{small}。", "{n}{big}换算成{small}是{m}{small}。"),
+    ("{m}{small}等于多少{big}？", "{m}{small}等于{n}{big}。"),
+]
+NEXT_DAY = [  # {d} -> the day after, {x}
+    ("{d}的后一天是星期几？", "{d}的后一天是{x}。"),  # the held-out 星期四 template
+    ("{d}的下一天是星期几？", "{d}的下一天是{x}。"),
+    ("{d}的第二天是星期几？", "{d}的第二天是{x}。"),
+    ("{d}过后是星期几？", "{d}过后是{x}。"),
+    ("{d}之后的一天是星期几？", "{d}之后的一天是{x}。"),
+    ("{d}再过一天是星期几？", "{d}再过一天是{x}。"),
+    ("今天是{d}，明天是星期几？", "今天是{d}，明天是{x}。"),
+    ("昨天是{d}，今天是星期几？", "昨天是{d}，今天是{x}。"),
+]
+PREV_DAY = [  # {d} -> the day before, {x}
+    ("{d}的前一天是星期几？", "{d}的前一天是{x}。"),
+    ("{d}的上一天是星期几？", "{d}的上一天是{x}。"),
+    ("{d}之前的一天是星期几？", "{d}之前的一天是{x}。"),
+    ("今天是{d}，昨天是星期几？", "今天是{d}，昨天是{x}。"),
+    ("明天是{d}，今天是星期几？", "明天是{d}，今天是{x}。"),
+]
+NEXT_MONTH = [("{d}的后一个月是几月？", "{d}的后一个月是{x}。"), ("{d}的下一个月是几月？", "{d}的下一个月是{x}。"),
+              ("{d}过后是几月？", "{d}过后是{x}。")]
+PREV_MONTH = [("{d}的前一个月是几月？", "{d}的前一个月是{x}。"), ("{d}的上一个月是几月？", "{d}的上一个月是{x}。")]
+NEXT_NUMBER = [("{d}的后一个数是几？", "{d}的后一个数是{x}。"), ("{d}的下一个数是几？", "{d}的下一个数是{x}。")]
+PREV_NUMBER = [("{d}的前一个数是几？", "{d}的前一个数是{x}。")]
+
+# What a held-out question shares with no training text: its template with its operands ("3加5等于" would also
+# match "13加5等于...", so such rows are dropped too). tests/test_demo_data.py checks every generated file.
+HELDOUT_CORES = ["3加5等于", "7千米等于", "星期四的后一天"]
+
+
+def _fill(templates, reps: int = 1, **values) -> list[tuple[str, str]]:
+    return [(p.format(**values), r.format(**values)) for p, r in templates] * reps
+
+
 def arithmetic_pairs(rng: random.Random) -> list[tuple[str, str]]:
     pairs = []
     for a in range(0, 10):
         for b in range(0, 10):
-            pairs.append((f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。"))
-            if a >= b:
-                pairs.append((f"{a}减{b}等于多少？", f"{a}减{b}等于{a - b}。"))
-    for a in range(10, 100):
-        for b in rng.sample(range(1, 10), 4):
-            pairs.append((f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。"))
+            pairs += _fill(ADD_TEMPLATES, a=a, b=b, c=a + b)
+            pairs += _fill(SUB_TEMPLATES, a=a, b=b, c=a + b)
     return pairs
 
 
 def unit_pairs(rng: random.Random) -> list[tuple[str, str]]:
     pairs = []
-    for n in range(1, 100):
-        pairs.append((f"{n}千米等于多少米？", f"{n}千米等于{n * 1000}米。"))
-        pairs.append((f"{n}千克等于多少克？", f"{n}千克等于{n * 1000}克。"))
-        pairs.append((f"{n}米等于多少厘米？", f"{n}米等于{n * 100}厘米。"))
-        pairs.append((f"{n}元等于多少角？", f"{n}元等于{n * 10}角。"))
+    for big, small, factor in UNITS:
+        for n in range(1, 41):
+            templates = UNIT_TEMPLATES if n <= 12 else rng.sample(UNIT_TEMPLATES, 2)
+            pairs += _fill(templates, n=n, m=n * factor, big=big, small=small)
     return pairs
 
 
 def numeral_pairs(rng: random.Random) -> list[tuple[str, str]]:
     pairs = []
-    for n in list(range(0, 100)) + rng.sample(range(100, 1000), 200):
+    for n in list(range(0, 100)) + rng.sample(range(100, 1000), 40):
         pairs.append((f"把数字{n}写成中文。", f"{n}写成中文是{chinese_number(n)}。"))
     return pairs
 
 
-def calendar_pairs() -> list[tuple[str, str]]:
+def calendar_pairs(reps: int = 3) -> list[tuple[str, str]]:
+    """Weekdays and months, each step in several templates (repeated: there are only 7 and 12 of them)."""
     pairs = []
     for i, d in enumerate(WEEKDAYS):
-        nxt, prv = WEEKDAYS[(i + 1) % 7], WEEKDAYS[(i - 1) % 7]
-        pairs.append((f"{d}的后一天是星期几？", f"{d}的后一天是{nxt}。"))
-        pairs.append((f"{d}的前一天是星期几？", f"{d}的前一天是{prv}。"))
-        pairs.append((f"{d}的下一天是星期几？", f"{d}的下一天是{nxt}。"))
-        pairs.append((f"今天是{d}，明天是星期几？", f"今天是{d}，明天是{nxt}。"))
-        pairs.append((f"今天是{d}，昨天是星期几？", f"今天是{d}，昨天是{prv}。"))
+        pairs += _fill(NEXT_DAY, reps, d=d, x=WEEKDAYS[(i + 1) % 7])
+        pairs += _fill(PREV_DAY, reps, d=d, x=WEEKDAYS[(i - 1) % 7])
     for i, m in enumerate(MONTHS):
-        pairs.append((f"{m}的下一个月是几月？", f"{m}的下一个月是{MONTHS[(i + 1) % 12]}。"))
-        pairs.append((f"{m}的上一个月是几月？", f"{m}的上一个月是{MONTHS[(i - 1) % 12]}。"))
+        pairs += _fill(NEXT_MONTH, d=m, x=MONTHS[(i + 1) % 12])
+        pairs += _fill(PREV_MONTH, d=m, x=MONTHS[(i - 1) % 12])
+    for n in range(1, 50):
+        pairs += _fill(NEXT_NUMBER, d=n, x=n + 1) + _fill(PREV_NUMBER, d=n, x=n - 1)
     return pairs
+
+
+def is_heldout(text: str) -> bool:
+    """True when a text contains a held-out question's (template, operands) core."""
+    return any(core in text for core in HELDOUT_CORES)
+
+
+def sft_split(seed: int = SEED) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, valid) pairs. Valid rows come from the many-row facts only (unit conversions and next/previous
+    numbers above 20, numerals above 99), so no sum, weekday or month loses a training template."""
+    rng = random.Random(seed)
+    arith, units, numerals = arithmetic_pairs(rng), unit_pairs(rng), numeral_pairs(rng)
+    pairs = arith + units + numerals + calendar_pairs() + EVERYDAY_QA * 3
+    pairs = [p for p in pairs if p[0] not in _HELDOUT_PROMPTS and not is_heldout(p[0] + p[1])]
+    many = re.compile(r"^((2[1-9]|[3-9]\d)[^\d]|把数字\d\d\d)")
+    bulk = sorted({p for p in pairs if many.match(p[0])})
+    valid = set(rng.sample(bulk, max(20, len(pairs) // 40)))
+    train = [p for p in pairs if p not in valid]
+    rng.shuffle(train)
+    return train, sorted(valid)
 
 
 def sft_pairs(seed: int = SEED) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    pairs = arithmetic_pairs(rng) + unit_pairs(rng) + numeral_pairs(rng) + calendar_pairs() + EVERYDAY_QA * 3
-    pairs = [p for p in pairs if p[0] not in _HELDOUT_PROMPTS]
-    rng.shuffle(pairs)
-    return pairs
+    """Every SFT pair, training and validation."""
+    train, valid = sft_split(seed)
+    return train + valid
 
 
 def corpus_lines(seed: int = SEED) -> list[str]:
-    """Plain text for tokenizer training and pretraining: prose plus every fact written as a sentence."""
+    """Plain text for tokenizer training and pretraining: prose plus every training fact written as a sentence."""
     rng = random.Random(seed + 1)
     lines = list(PROSE) * 3
-    lines += [r for _, r in sft_pairs(seed)]
+    lines += [r for _, r in sft_split(seed)[0]]
     lines += [f"{q}{a}" for q, a in EVERYDAY_QA]
     rng.shuffle(lines)
     return lines
@@ -208,9 +283,7 @@ def write_demo_data(out_dir: str | Path = "data/demo", seed: int = SEED) -> dict
     """Write every demo file; returns their paths. Deterministic for a given seed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = sft_pairs(seed)
-    n_valid = max(20, len(pairs) // 20)
-    valid, train = pairs[:n_valid], pairs[n_valid:]
+    train, valid = sft_split(seed)
     paths = {}
     paths["corpus"] = out / "corpus.txt"
     paths["corpus"].write_text("\n".join(corpus_lines(seed)) + "\n", encoding="utf-8")
