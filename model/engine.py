@@ -315,8 +315,7 @@ class Trainer:
         self.last_eval = ev
         logger.log(step=step, split="eval", **ev)
         if self.acc.log_with:
-            self.acc.log({"eval/" + k.split("/", 1)[-1] if k.startswith("eval/") else "eval/" + k: v
-                          for k, v in ev.items()}, step=step)
+            self.acc.log({k if k.startswith("eval/") else "eval/" + k: v for k, v in ev.items()}, step=step)
         self.acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()
                                                     if isinstance(v, (int, float))))
         metric = self.obj.best_metric
