@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, NoRepea
 
 from config import EOS_ID, PAD_ID
 from model.chat_model_config import default_generation_config, t5_config
+from model.packing import segment_masks
 
 SEARCH_TYPES = ("greedy", "beam", "sampling", "contrastive")
 IGNORE_INDEX = -100  # label positions that are not scored (padding)
@@ -43,7 +44,6 @@ class TextToTextModel(T5ForConditionalGeneration):
         """
         enc_mask, dec_mask, cross_mask = attention_mask, None, attention_mask
         if source_segments is not None:
-            from model.packing import segment_masks
             enc_mask, dec_mask, cross_mask = segment_masks(source_segments, target_segments, self.dtype)
         if decoder_input_ids is None:
             decoder_input_ids = self._shift_right(labels)

@@ -397,7 +397,7 @@ class InMemoryBatches:
         order = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch]).permutation(len(keys)) if self.shuffle \
             else np.arange(len(keys))
         mine = keys[order[:n][self.rank::self.world_size]]
-        all_lengths = self.ds.key_lengths(mine)
+        all_lengths = None if self.packing else self.ds.key_lengths(mine)  # packing measures exact pairs
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, 1000 + self.rank])
         batches: list[np.ndarray] = []
         group = self.batch_size * (self.length_group_batches if self.group_by_length else 1)

@@ -29,8 +29,8 @@ from torch import nn
 
 from config import DPOConfig, asdict
 from model.chat_model import TextToTextModel
-from model.checkpoint import check_model_folder, publish_model, save_model_folder
-from model.engine import Objective, run, write_json
+from model.checkpoint import check_model_folder, save_model_folder
+from model.engine import Objective, param_counts, run, write_json
 from model.progress import track
 from model.preference_data import (PairBatches, PreferenceDataset, collate_pairs, epoch_batches,  # noqa: F401
                                    read_preference_file)
@@ -286,8 +286,7 @@ class DPOObjective(Objective):
             policy.peft_config["default"].base_model_name_or_path = str(self.sft_dir)
         self.model = policy
         self.reference = Reference(frozen, policy if cfg.use_lora else None, acc)
-        self.param_info = {"params": sum(p.numel() for p in policy.parameters()),
-                           "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad)}
+        self.param_info = param_counts(policy)
         ga = max(1, cfg.gradient_accumulation_steps)
         self.batches = PairBatches(self.train_ds, cfg.batch_size_per_gpu, cfg.seed, cfg.group_by_length,
                                    trainer.rank, trainer.world, ga, cfg.train_file)
@@ -334,9 +333,6 @@ class DPOObjective(Objective):
         means = local.mean(0).tolist()
         return {"eval_on": "valid" if self.valid_ds is not None else "train",
                 **{f"eval/{k}": round(v, 6) for k, v in zip(FIGURES, means)}}
-
-    def export(self, trainer, dest: Path) -> None:
-        publish_model(trainer.inner_model(), self.tokenizer, dest)
 
     def finish(self, trainer, result: dict) -> dict:
         plain = lambda ev: {k[5:]: v for k, v in ev.items() if k.startswith("eval/")}  # noqa: E731

@@ -22,7 +22,7 @@ from torch import nn
 
 from config import asdict
 from model.chat_model import optimizer_groups
-from model.checkpoint import latest_checkpoint, load_run_state, save_run_state
+from model.checkpoint import latest_checkpoint, load_run_state, publish_model, save_run_state
 from model.logging_utils import MetricsLogger
 from model.progress import progress_bar
 
@@ -73,7 +73,8 @@ class Objective:
         return {}
 
     def export(self, trainer: "Trainer", dest: Path) -> None:
-        raise NotImplementedError
+        """The trained model (or adapter) and tokenizer into ``dest``."""
+        publish_model(trainer.inner_model(), self.tokenizer, dest)
 
     def finish(self, trainer: "Trainer", result: dict) -> dict:
         return result
@@ -163,6 +164,12 @@ class StopFlag:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def param_counts(model) -> dict:
+    """All parameters and the trainable ones (what each run reports)."""
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def param_checksum(model) -> str:

@@ -21,7 +21,7 @@ from torch import nn
 from config import TRAIN_PRESETS, TrainConfig, make_config
 from model.checkpoint import check_model_folder, latest_checkpoint, publish_model  # noqa: F401 (re-exported)
 from model.engine import (Objective, build_optimizer, build_scheduler, param_checksum,  # noqa: F401
-                          reset_accelerate, run, write_json)
+                          param_counts, reset_accelerate, run, write_json)
 
 FREEZE_MODES = ("none", "decoder_only")
 
@@ -67,9 +67,7 @@ def apply_freeze(model, mode: str) -> dict:
             p.requires_grad_(False)
         for p in model.encoder.parameters():
             p.requires_grad_(False)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"params": total, "trainable_params": trainable}
+    return param_counts(model)
 
 
 class TargetLoss(nn.Module):
@@ -219,9 +217,6 @@ class Seq2SeqObjective(Objective):
         return {"bleu": char_bleu([h for h, _ in both], [r for _, r in both]), "bleu_samples": len(both)}
 
     # ------------------------------------------------------------------------------------------- output
-    def export(self, trainer, dest: Path) -> None:
-        publish_model(trainer.inner_model(), self.tokenizer, dest)
-
     def finish(self, trainer, result: dict) -> dict:
         totals = trainer.state["totals"]
         tokens = totals.get("tgt_tokens", 0) + totals.get("in_tokens", 0)
