@@ -342,6 +342,10 @@ def export_final(cfg: PipelineConfig) -> dict:
     write_model_card(root, extra={"pipeline_profile": cfg.profile, "from_stage": src.name})
     console.print(f"final model: {root} (from {src})")
     out = {"source": str(src)}
+    valid = root / "data" / "my_valid_dataset.parquet"
+    if cfg.decoding_prompts > 0 and valid.is_file():
+        from eval.decoding import choose
+        out["decoding"] = choose(model_dir=str(root), prompts=str(valid), n=cfg.decoding_prompts, write=True)
     if cfg.push_to_hub:
         out["pushed_to"] = push_folder(root, cfg.push_to_hub)
     return out

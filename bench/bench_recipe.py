@@ -42,6 +42,7 @@ CONFIGS: dict[str, dict] = {
     "size_tiny": dict(BASE, model_overrides=TINY),
     "size_small": dict(BASE, model_overrides={}),
     "tiny_lr_1e-2": dict(BASE, model_overrides=TINY, learning_rate=1e-2),
+    "tiny_heads_8": dict(BASE, model_overrides=dict(TINY, num_heads=8, d_kv=16)),
     "ffn_gated_gelu": dict(BASE, model_overrides=dict(MINI, feed_forward_proj="gated-gelu")),
     "dropout_0.1": dict(BASE, dropout_rate=0.1),
     "lr_1e-3": dict(BASE, learning_rate=1e-3),
@@ -49,6 +50,7 @@ CONFIGS: dict[str, dict] = {
     "adafactor_1e-2": dict(BASE, optimizer="adafactor", learning_rate=1e-2),
     "objective_span": dict(BASE, text_mode="span"),
     "objective_mix": dict(BASE, text_mode="mix"),
+    "tiny_prefix_denoise": dict(BASE, model_overrides=TINY, text_mode="prefix+denoise"),
     "seq_64": dict(BASE, max_source_len=64, max_target_len=64),
     "batch_32": dict(BASE, batch_size_per_gpu=32),
     "no_length_grouping": dict(BASE, group_by_length=False),
@@ -75,19 +77,19 @@ def _prepare(out: Path) -> tuple[Path, dict]:
     return data, toks
 
 
-def _train(name: str, spec: dict, data: Path, toks: dict, out: Path, steps: int, eval_every: int,
-           max_eval: int, threads: int, valid: bool) -> dict:
-    from model.trainer import train, train_config
+def _config(name: str, spec: dict, data: Path, toks: dict, out: Path, steps: int, eval_every: int,
+            max_eval: int, threads: int):
+    from model.trainer import train_config
     spec = dict(spec)
     tok = toks[spec.pop("tokenizer", "8192")]
     cfg = train_config("pretrain", **spec, train_file=f"{data / 'my_text_dataset.parquet'}:1,"
                                                     f"{data / 'my_train_dataset.parquet'}:1",
-                       valid_file=str(data / "my_valid_dataset.parquet") if valid else None,
+                       valid_file=str(data / "my_valid_dataset.parquet"),
                        tokenizer_dir=str(tok), output_dir=str(out / name), max_steps=steps, warmup_steps=0.05,
                        eval_steps=eval_every, save_steps=0, logging_steps=max(1, min(20, steps)),
                        max_eval_samples=max_eval, eval_max_source_len=EVAL_LEN, eval_max_target_len=EVAL_LEN,
                        bleu_samples=0, num_threads=threads, log_with="none", show_progress=False, save_best=False)
-    return train(cfg)
+    return cfg
 
 
 def _plot(results: list[dict], out: Path, png: Path, budget_s: float) -> None:
@@ -145,7 +147,7 @@ def extrapolate(metrics: str, target_bpc: float, tokens_per_step: float = 0.0) -
 
 
 def main(quick: bool = False, budget_s: float = 0, only: str | tuple = "", out: str = "model_save/bench_recipe",
-         threads: int = 2, max_eval_samples: int = 0, probe_steps: int = 8, png: str = "") -> None:
+         threads: int = 2, max_eval_samples: int = 0, probe_steps: int = 24, png: str = "") -> None:
     budget_s = budget_s or (30 if quick else 90)
     max_eval = max_eval_samples or (128 if quick else 512)
     names = [n for n in (only.split(",") if isinstance(only, str) else only) if n] or \
@@ -154,14 +156,15 @@ def main(quick: bool = False, budget_s: float = 0, only: str | tuple = "", out: 
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
     out_p = (ROOT / out) if not Path(out).is_absolute() else Path(out)
+    from model.trainer import probe_seconds_per_step, train
     data, toks = _prepare(out_p)
     results = []
     for name in names:
-        probe = _train(name + ".probe", CONFIGS[name], data, toks, out_p, probe_steps, 0, 0, threads, valid=False)
-        s_per_step = probe["runtime_s"] / probe_steps
+        cfg = _config(name, CONFIGS[name], data, toks, out_p, probe_steps, 0, 0, threads)
+        s_per_step = probe_seconds_per_step(cfg, steps=probe_steps)
         steps = max(4, int(budget_s / s_per_step))
         t = time.perf_counter()
-        r = _train(name, CONFIGS[name], data, toks, out_p, steps, max(1, steps // 4), max_eval, threads, valid=True)
+        r = train(_config(name, CONFIGS[name], data, toks, out_p, steps, max(1, steps // 4), max_eval, threads))
         row = {"run": name, "bpc": round(r["eval_bpc"], 4), "eval_loss": round(r["eval_loss"], 4),
                "params": r["params"], "steps": steps, "train_tokens": r["train_tokens"],
                "s_per_step": round(s_per_step, 4), "pad_share": r["pad_share"],

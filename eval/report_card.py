@@ -259,6 +259,19 @@ def chat_section(summaries: dict) -> str:
         parts.append(f"\nDegenerate answers (one token over 30% of the answer's tokens): {res['degenerate']} of "
                      f"{len(res['samples'])}; distinct-2 over the answers: {_fmt(res['distinct_2'])}. Decoding: "
                      f"the model folder's generation_config.json ({res.get('generation', '')}).")
+    grid = (_figures(summaries, "final").get("decoding") or {}).get("grid")
+    if grid:
+        d = _figures(summaries, "final")["decoding"]
+        bound = d.get("max_degenerate", 0.05)
+        chosen = next((g for g in grid if all(g[k] == v for k, v in d.get("chosen", {}).items())), None)
+        met = chosen is not None and chosen["degenerate"] <= bound * chosen["answers"]
+        rule = (f"the mildest setting with at most {bound:.0%} degenerate answers" if met else
+                f"no setting reached {bound:.0%} degenerate answers, so the one with the fewest")
+        parts.append(f"\nThose defaults were chosen by eval/decoding.py on {d['n']} held-out prompts of the valid split "
+                     f"(not the prompts above): {rule}.\n")
+        parts.append(_table(["repetition penalty", "no-repeat n-gram", "degenerate", "distinct-2", "mean tokens"],
+                            [[g["repetition_penalty"], g["no_repeat_ngram_size"], f"{g['degenerate']} of {g['answers']}",
+                              _fmt(g["distinct_2"]), g["mean_tokens"]] for g in grid]))
     return "\n".join(parts) + "\n"
 
 

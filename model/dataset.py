@@ -32,7 +32,7 @@ from config import EOS_ID, PAD_ID, sentinel_token
 from model.packing import collate_packed, pack_rows
 
 IGNORE_INDEX = -100
-TEXT_MODES = ("prefix", "span", "mix")
+TEXT_MODES = ("prefix", "span", "denoise")  # "a+b": each text row takes one of them at random ("mix": prefix+span)
 SENTENCE_END_CHARS = set("。！？!?；;…\n")
 PAIR, TEXT = 0, 1
 TOKENIZE_CHUNK = 256  # rows tokenised together in streaming mode
@@ -63,8 +63,10 @@ class Encoder:
 
     def __init__(self, tokenizer, max_source_len: int = 256, max_target_len: int = 256, text_mode: str = "prefix",
                  noise_density: float = 0.15, mean_noise_span_length: float = 3.0, seed: int = 0):
-        if text_mode not in TEXT_MODES:
-            raise ValueError(f"unknown text_mode {text_mode!r}; expected one of {', '.join(TEXT_MODES)}")
+        self.modes = tuple(("prefix+span" if text_mode == "mix" else text_mode).split("+"))
+        if not self.modes or any(m not in TEXT_MODES for m in self.modes):
+            raise ValueError(f"unknown text_mode {text_mode!r}; expected one of {', '.join(TEXT_MODES)}, mix, "
+                             f"or several joined by '+' (e.g. prefix+denoise)")
         if max_source_len < 2 or max_target_len < 2:
             raise ValueError("max_source_len and max_target_len must be at least 2 (one token plus [EOS])")
         if not 0.0 < noise_density < 1.0:
@@ -76,8 +78,9 @@ class Encoder:
         self.text_mode, self.seed = text_mode, seed
         self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
         self.num_sentinels = count_sentinels(tokenizer)
-        if text_mode in ("span", "mix") and self.num_sentinels == 0:
-            raise ValueError("span corruption needs sentinel tokens <extra_id_0>...; this tokenizer has none")
+        if {"span", "denoise"} & set(self.modes) and self.num_sentinels == 0:
+            raise ValueError("span corruption and denoising need sentinel tokens <extra_id_0>...; this tokenizer "
+                             "has none")
         self.sentinel_ids = np.array([tokenizer.convert_tokens_to_ids(sentinel_token(i))
                                       for i in range(self.num_sentinels)], dtype=np.int32)
         vocab = tokenizer.get_vocab()
@@ -110,10 +113,12 @@ class Encoder:
         if kind == PAIR:
             return int(len(a)), int(len(b))
         n = min(len(a), self.max_source_len + self.max_target_len - 2)
-        d = self.noise_density
-        span = (n * (1 - d + d / self.mean_noise_span_length), n * d * (1 + 1 / self.mean_noise_span_length))
-        est = {"prefix": (n / 2, n / 2), "span": span, "mix": ((n / 2 + span[0]) / 2, (n / 2 + span[1]) / 2)}
-        src, tgt = est[self.text_mode]
+        d, m = self.noise_density, self.mean_noise_span_length
+        short = min(len(a), self.max_source_len - 1, self.max_target_len - 1)
+        est = {"prefix": (n / 2, n / 2), "span": (n * (1 - d + d / m), n * d * (1 + 1 / m)),
+               "denoise": (short * (1 - d + d / m), short)}
+        src = sum(est[k][0] for k in self.modes) / len(self.modes)
+        tgt = sum(est[k][1] for k in self.modes) / len(self.modes)
         return min(int(src) + 1, self.max_source_len), min(int(tgt) + 1, self.max_target_len)
 
     # -- text rows -> pairs
@@ -125,11 +130,11 @@ class Encoder:
         if kind == PAIR:
             return a, b
         rng = self.rng(epoch, key)
-        mode = self.text_mode
-        if mode == "mix":
-            mode = "prefix" if rng.random() < 0.5 else "span"
+        mode = self.modes[0] if len(self.modes) == 1 else self.modes[int(rng.integers(len(self.modes)))]
         if mode == "span":
             return self.span_corrupt(a, rng)
+        if mode == "denoise":
+            return self.denoise(a, rng)
         return self.prefix_split(a, rng)
 
     def _window(self, doc: np.ndarray, size: int, rng) -> np.ndarray:
@@ -167,25 +172,27 @@ class Encoder:
         cuts = np.sort(rng.choice(np.arange(1, num_items), size=num_segments - 1, replace=False))
         return np.diff(np.concatenate([[0], cuts, [num_items]]))
 
-    def span_corrupt(self, doc: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
-        """T5 span corruption: noise spans replaced by sentinels in the input; the target lists them.
-
-        Unlike T5's original layout (always kept text first, noise last) the kept segments at both ends may be
-        empty, so a span can also open the text: with one span per short line it is not always a suffix.
-        """
-        d, m = self.noise_density, self.mean_noise_span_length
-        ms, mt = self.max_source_len - 1, self.max_target_len - 1
-        # window length n such that the input (n - noise + spans) and the target (noise + spans) both fit
-        n_max = min(int(ms / (1 - d + d / m)), int(mt / (d + d / m)))
-        w = self._window(doc, max(2, n_max), rng)
-        n = len(w)
-        num_noise = min(max(1, int(round(n * d))), n - 1)
-        num_spans = max(1, int(round(num_noise / m)))
+    def _noise_layout(self, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+        """Lengths of the kept and noise segments of an ``n``-token window (T5's span layout); the kept segments
+        at both ends may be empty, so a span can also open the text."""
+        num_noise = min(max(1, int(round(n * self.noise_density))), n - 1)
+        num_spans = max(1, int(round(num_noise / self.mean_noise_span_length)))
         num_spans = min(num_spans, num_noise, n - num_noise + 1, self.num_sentinels)
         noise_len = self._segments(num_noise, num_spans, rng)
         keep_len = self._segments(n - num_noise + 2, num_spans + 1, rng)
         keep_len[0] -= 1
         keep_len[-1] -= 1  # the outer kept segments may be empty, the inner ones are not
+        return keep_len, noise_len
+
+    def span_corrupt(self, doc: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+        """T5 span corruption: noise spans replaced by sentinels in the input; the target lists them."""
+        d, m = self.noise_density, self.mean_noise_span_length
+        ms, mt = self.max_source_len - 1, self.max_target_len - 1
+        # window length n such that the input (n - noise + spans) and the target (noise + spans) both fit
+        n_max = min(int(ms / (1 - d + d / m)), int(mt / (d + d / m)))
+        w = self._window(doc, max(2, n_max), rng)
+        keep_len, noise_len = self._noise_layout(len(w), rng)
+        num_spans = len(noise_len)
         src, tgt, pos = [], [], 0
         for i in range(num_spans):
             s = self.sentinel_ids[i: i + 1]
@@ -198,6 +205,20 @@ class Encoder:
         src_ids = np.concatenate(src)[:ms]
         tgt_ids = np.concatenate(tgt)[:mt]
         return np.concatenate([src_ids, eos]), np.concatenate([tgt_ids, eos])
+
+    def denoise(self, doc: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+        """Denoising (BART's text infilling with T5 sentinels): noise spans replaced by sentinels in the input;
+        the target is the whole window. Most target tokens are read off the input, so it teaches the
+        cross-attention to copy, which extraction tasks need and which prefix and span targets never ask for."""
+        w = self._window(doc, max(2, min(self.max_source_len, self.max_target_len) - 1), rng)
+        keep_len, noise_len = self._noise_layout(len(w), rng)
+        src, pos = [], 0
+        for i in range(len(noise_len)):
+            src += [w[pos: pos + keep_len[i]], self.sentinel_ids[i: i + 1]]
+            pos += keep_len[i] + noise_len[i]
+        src.append(w[pos:])
+        eos = np.array([EOS_ID], dtype=np.int32)
+        return np.concatenate(src + [eos]), np.concatenate([w, eos])
 
 
 def collate_pairs(pairs: Sequence[tuple[np.ndarray, np.ndarray]], pad_to_multiple_of: int = 0) -> dict:

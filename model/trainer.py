@@ -249,6 +249,29 @@ def train(cfg: TrainConfig) -> dict:
     return run(cfg, Seq2SeqObjective(cfg))
 
 
+def probe_seconds_per_step(cfg: TrainConfig, steps: int = 24, warmup: int = 3) -> float:
+    """Steady-state seconds per update, measured by a short run of ``cfg`` (its folder is removed after).
+
+    Sizes runs that must fit a wall-clock budget (the LR schedule needs its length in advance). The mean
+    gap between logged steps after ``warmup`` leaves out loading and the slow first steps; the whole probe's
+    runtime / steps overstated the cost by about 2x on a 2M model and left half the budget unused. The mean,
+    not the median: length-grouped batches differ in cost, and the run pays for all of them.
+    """
+    import dataclasses
+    import shutil
+    from model.logging_utils import read_jsonl
+    probe = dataclasses.replace(cfg, max_steps=max(steps, warmup + 2), logging_steps=1, save_steps=0, eval_steps=0,
+                                valid_file=None, log_with="none", show_progress=False, bleu_samples=0,
+                                output_dir=f"{cfg.output_dir.rstrip('/')}.probe")
+    try:
+        r = train(probe)
+        times = [row["time"] for row in read_jsonl(Path(probe.output_dir) / "metrics.jsonl") if "loss" in row]
+    finally:
+        shutil.rmtree(probe.output_dir, ignore_errors=True)
+    gaps = [b - a for a, b in zip(times[warmup:], times[warmup + 1:])]
+    return sum(gaps) / len(gaps) if gaps else r["runtime_s"] / probe.max_steps
+
+
 _FITTED_BASELINES: dict = {}  # training files' signature -> CharNgramBaselines (one fit per process)
 
 

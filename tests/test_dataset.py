@@ -98,6 +98,38 @@ def test_span_corruption_uses_sentinels_and_reconstructs(tiny_tokenizer):
         assert abs(noise / len(doc) - 0.3) < 0.1
 
 
+def test_denoising_targets_the_whole_window_and_the_input_keeps_the_rest(tiny_tokenizer):
+    enc = Encoder(tiny_tokenizer, 128, 128, text_mode="denoise", noise_density=0.3, mean_noise_span_length=2.0,
+                  seed=3)
+    (item,) = enc.encode_rows("text", [(PROSE[1] + PROSE[2],)])
+    doc = item[1].tolist()
+    assert len(doc) < 127  # the whole row fits one window, so the target is the row itself
+    sentinel = set(enc.sentinel_ids.tolist())
+    for epoch in range(4):
+        src, tgt = enc.to_pair(item, epoch, (0, 5, 0))
+        assert tgt.tolist() == doc + [EOS_ID] and src[-1] == EOS_ID
+        s_src = [t for t in src if t in sentinel]
+        assert s_src == enc.sentinel_ids[: len(s_src)].tolist() and s_src
+        # the input is the text with each noise span cut to one sentinel: its kept tokens appear in order
+        kept = [t for t in src[:-1] if t not in sentinel]
+        it = iter(doc)
+        assert all(t in it for t in kept)
+        assert abs((len(doc) - len(kept)) / len(doc) - 0.3) < 0.1
+
+
+def test_modes_joined_by_plus_draw_each_mode(tiny_tokenizer):
+    enc = Encoder(tiny_tokenizer, 128, 128, text_mode="prefix+denoise", seed=1)
+    (item,) = enc.encode_rows("text", [(PROSE[1] + PROSE[2],)])
+    doc = item[1].tolist()
+    kinds = set()
+    for epoch in range(12):
+        src, tgt = enc.to_pair(item, epoch, (0, 0, 0))
+        kinds.add("denoise" if tgt.tolist() == doc + [EOS_ID] else "prefix")
+    assert kinds == {"prefix", "denoise"}
+    with pytest.raises(ValueError, match="prefix\\+denoise"):
+        Encoder(tiny_tokenizer, 32, 32, text_mode="prefix+typo")
+
+
 def test_text_pairs_depend_only_on_seed_epoch_key(tiny_tokenizer):
     a = Encoder(tiny_tokenizer, 32, 32, text_mode="mix", seed=5)
     b = Encoder(tiny_tokenizer, 32, 32, text_mode="mix", seed=5)

@@ -167,6 +167,21 @@ def test_finetune_from_scratch_trains_its_own_tokenizer(demo_data, tmp_path):
     assert (tmp_path / "ie_tokenizer" / "tokenizer.json").is_file()
 
 
+
+def test_time_budget_sizes_the_run_from_the_probe(tiny_model_dir, demo_data, tmp_path):
+    """The run gets (budget - time spent - the probe's overhead) / steady-state s per step updates, and the
+    probe leaves nothing behind."""
+    from finetune_examples.info_extract.finetune import finetune
+    res = finetune(train_file=str(demo_data["ie"]), dev_file=None, init_from=str(tiny_model_dir),
+                   data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "ie"), valid_size=0,
+                   time_budget_min=0.5, probe_steps=6, batch_size_per_gpu=4, num_threads=1, progress=False)
+    budget = res["time_budget"]
+    assert budget["max_steps"] >= 1 and res["train"]["steps"] == budget["max_steps"]
+    assert 0 < budget["probe_s_per_step"] < 30 and budget["overhead_s"] >= 0
+    # the steps fill what was left of the budget: at most the whole 30 s at the probed rate
+    assert budget["max_steps"] * budget["probe_s_per_step"] <= 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "ie"]  # no probe folder left
+
 # ------------------------------------------------------------------------------------ real data
 def test_shared_duie_and_ske_files():
     ie = require_shared_data("ie")

@@ -30,14 +30,20 @@ def test_report_card_gathers_summaries_and_publishes_text_and_plots(tmp_path):
     _summary(root / "chat", "chat", {"heldout": [{"prompt": "3加5", "answer": "8", "expected": "8", "correct": True}],
                                      "samples": [{"prompt": "你好", "answer": "你好", "top_token_share": 0.5}],
                                      "degenerate": 1, "distinct_2": 0.5, "generation": "max_new_tokens 64"})
+    _summary(root, "final", {"source": "sft", "decoding": {"n": 64, "chosen": {"repetition_penalty": 1.3}, "grid": [
+        {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3, "degenerate": 2, "answers": 64, "distinct_2": 0.25,
+         "mean_tokens": 8.0}]}}, wall_s=0.0)
     (root / "model.safetensors").write_bytes(b"weights")
-    assert set(gather(root)) == {"sft", "ceval", "ie", "chat"}
+    assert set(gather(root)) == {"sft", "ceval", "ie", "chat", "final"}
     cfg = make_config(PipelineConfig, "demo", PIPELINE_PROFILES, root=str(root), publish_dir=str(tmp_path / "docs"))
     text = write_report_card(cfg).read_text(encoding="utf-8")
     assert "last loss 3.000" in text and "last eval loss 3.500" in text
     assert "| STEM | 1 | 20 | 0.350 |" in text and "average accuracy 0.312" in text
     assert "| f1 | 0.333 |" in text and "| training steps | 40 |" in text
     assert "1 of 1 correct" in text and "distinct-2 over the answers: 0.500" in text
+    # 2 of 64 is within the 5% bound (3.2 answers), so the card names the mildest-setting rule
+    assert "(not the prompts above): the mildest setting with at most 5% degenerate answers" in text
+    assert "| 1.3 | 3 | 2 of 64 | 0.250 | 8.0 |" in text
     assert "## Data\n\nnot run" in text and "## Tokenizer\n\nnot run" in text  # absent stages say so
     assert "| sft | 30.0 | 100 |" in text and "Total: 44 s" in text
     published = sorted(p.relative_to(tmp_path / "docs").as_posix() for p in (tmp_path / "docs").rglob("*")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from config import MODEL_PRESETS, SHARED_DATA, TrainConfig, config_help, run_cli
 from finetune_examples.info_extract.data_process import format_triples, make_prompt, process, read_ie_file
 from finetune_examples.info_extract.evaluate import evaluate
 from model.tokenizer import save_tokenizer, train_tokenizer
-from model.trainer import train, train_config
+from model.trainer import probe_seconds_per_step, train, train_config
 
 DUIE = SHARED_DATA / "ie" / "duie"
 
@@ -55,7 +54,7 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
              init_from: Optional[str] = None, tokenizer_dir: Optional[str] = None, preset: str = "small",
              data_dir: str = "data/generated/ie", output_dir: str = "model_save/ie", valid_size: int = 200,
              eval_limit: Optional[int] = None, eval_batch_size: int = 32, max_new_tokens: int = 128,
-             skip_eval: bool = False, time_budget_min: Optional[float] = None, probe_steps: int = 10,
+             skip_eval: bool = False, time_budget_min: Optional[float] = None, probe_steps: int = 24,
              progress: bool = True, **train_overrides) -> dict:
     """Process, train, evaluate; returns {'train': trainer figures, 'dev': P/R/F1, ...}.
 
@@ -83,18 +82,16 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
                   tokenizer_dir=tok_dir, preset=preset, show_progress=progress)
     result: dict = {"data": paths}
     if time_budget_min and settings.get("max_steps", -1) <= 0:
-        probe_dir = out.parent / f".{out.name}_probe"
         t_probe = time.perf_counter()
-        probe = train(train_config(None, **{**common, **settings, "max_steps": probe_steps, "valid_file": None,
-                                            "output_dir": str(probe_dir)}))
-        shutil.rmtree(probe_dir, ignore_errors=True)
-        per_step = probe["runtime_s"] / probe_steps
-        overhead = (time.perf_counter() - t_probe) - probe["runtime_s"]  # loading, data, export
+        per_step = probe_seconds_per_step(train_config(None, **{**common, **settings, "output_dir": str(out)}),
+                                          steps=probe_steps)
+        # what the real run pays besides its steps (loading, data, export), as the probe paid it
+        overhead = max(0.0, (time.perf_counter() - t_probe) - probe_steps * per_step)
         left_s = time_budget_min * 60 - (time.perf_counter() - t0) - overhead
         settings["max_steps"] = max(1, int(left_s / per_step))
-        result["time_budget"] = {"minutes": time_budget_min, "probe_s_per_step": round(per_step, 3),
+        result["time_budget"] = {"minutes": time_budget_min, "probe_s_per_step": round(per_step, 4),
                                  "overhead_s": round(overhead, 1), "max_steps": settings["max_steps"]}
-        print(f"time budget {time_budget_min} min: {per_step:.2f} s/step measured, "
+        print(f"time budget {time_budget_min} min: {per_step:.3f} s/step measured, "
               f"training {settings['max_steps']} steps")
     cfg = train_config(None, valid_file=paths.get("valid"), output_dir=str(out), **common, **settings)
     result["train"] = train(cfg)
