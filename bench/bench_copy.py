@@ -59,7 +59,7 @@ def copy_curve(layout: dict, steps: int, alphabet: int, length: int, lr: float, 
 
 
 def main(quick: bool = False, steps: int = 0, alphabet: int = 500, length: int = 20, lr: float = 2e-3,
-         batch: int = 16, seed: int = 0, threads: int = 2, layouts: str = "4x32,8x16,16x8") -> dict:
+         batch: int = 16, seed: int = 0, threads: int = 2, layouts: str = "4x32,8x16,16x8") -> None:
     torch.set_num_threads(threads)
     steps = steps or (400 if quick else 1500)
     every = max(1, steps // 10)
@@ -80,7 +80,6 @@ def main(quick: bool = False, steps: int = 0, alphabet: int = 500, length: int =
     summary = {"bench": "copy", "ratio": round(final[names[0]] / final[best], 4), "best": best, "loss": final,
                "chance": round(chance, 4), "steps": steps, "alphabet": alphabet, "length": length, "lr": lr}
     print(json.dumps(summary))
-    return summary
 
 
 if __name__ == "__main__":
