@@ -47,8 +47,10 @@ def load_tokenizer_and_model(cfg: TrainConfig):
     if cfg.init_from:
         folder = check_model_folder(cfg.init_from)
         tokenizer = load_tokenizer(folder)
-        extra = {} if cfg.dropout_rate is None else {"dropout_rate": cfg.dropout_rate}
-        model = TextToTextModel.from_pretrained(str(folder), dtype=torch.float32, **extra)
+        config = TextToTextModel.config_class.from_pretrained(str(folder))
+        if cfg.dropout_rate is not None:  # set on the config: a loading kwarg also lands in generation_config.json
+            config.dropout_rate = cfg.dropout_rate
+        model = TextToTextModel.from_pretrained(str(folder), config=config, dtype=torch.float32)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer_dir)
         extra = {} if cfg.dropout_rate is None else {"dropout_rate": cfg.dropout_rate}

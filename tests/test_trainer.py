@@ -168,9 +168,12 @@ def test_sft_decoder_only_freezes_encoder_and_embeddings(tiny_model_dir, demo_da
     cfg = train_config("sft", init_from=str(tiny_model_dir), train_file=demo_data["sft"], valid_file=None,
                        output_dir=str(tmp_path / "sft"), freeze="decoder_only", max_steps=3, batch_size_per_gpu=8,
                        learning_rate=1e-2, max_source_len=32, max_target_len=32, num_threads=1, log_with="none",
-                       show_progress=False, save_steps=100)
+                       show_progress=False, save_steps=100, dropout_rate=0.05)
     res = train(cfg)
     assert 0 < res["trainable_params"] < res["params"]
+    # --dropout_rate changes the model's config, and only it: the decoding settings stay clean
+    saved = {f: json.loads((tmp_path / "sft" / f).read_text()) for f in ("config.json", "generation_config.json")}
+    assert saved["config.json"]["dropout_rate"] == 0.05 and "dropout_rate" not in saved["generation_config.json"]
     after = weights(tmp_path / "sft")
     for k, v in after.items():
         if k.startswith("encoder.") or k == "shared.weight":
