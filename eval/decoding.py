@@ -83,7 +83,7 @@ def choose(model_dir: str = "model_save/cpu", prompts: str = "", n: int = 64, sk
               f"{r['degenerate']:>5d} / {r['answers']:<3d} {r['distinct_2']:>11.3f} {r['mean_tokens']:>7.1f}")
     best = mildest(rows, max_degenerate)
     result = {"model_dir": model_dir, "prompts": prompts, "n": n, "skip": skip, "grid": rows,
-              "max_degenerate": max_degenerate, "within_bound": best["degenerate"] <= max_degenerate * best["answers"],
+              "max_degenerate": max_degenerate,
               "chosen": {k: best[k] for k in ("repetition_penalty", "no_repeat_ngram_size")}}
     print(f"chosen: {json.dumps(result['chosen'])} ({best['degenerate']} of {best['answers']} degenerate)")
     if write:

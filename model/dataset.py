@@ -191,34 +191,31 @@ class Encoder:
         # window length n such that the input (n - noise + spans) and the target (noise + spans) both fit
         n_max = min(int(ms / (1 - d + d / m)), int(mt / (d + d / m)))
         w = self._window(doc, max(2, n_max), rng)
-        keep_len, noise_len = self._noise_layout(len(w), rng)
-        num_spans = len(noise_len)
+        src, tgt = self._cut_spans(w, *self._noise_layout(len(w), rng))
+        eos = np.array([EOS_ID], dtype=np.int32)
+        return np.concatenate([src[:ms], eos]), np.concatenate([tgt[:mt], eos])
+
+    def _cut_spans(self, w: np.ndarray, keep_len: np.ndarray,
+                   noise_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The window with each noise span replaced by its sentinel, and the spans each after its sentinel."""
         src, tgt, pos = [], [], 0
-        for i in range(num_spans):
+        for i in range(len(noise_len)):
             s = self.sentinel_ids[i: i + 1]
             src += [w[pos: pos + keep_len[i]], s]
             pos += keep_len[i]
             tgt += [s, w[pos: pos + noise_len[i]]]
             pos += noise_len[i]
         src.append(w[pos:])
-        eos = np.array([EOS_ID], dtype=np.int32)
-        src_ids = np.concatenate(src)[:ms]
-        tgt_ids = np.concatenate(tgt)[:mt]
-        return np.concatenate([src_ids, eos]), np.concatenate([tgt_ids, eos])
+        return np.concatenate(src), np.concatenate(tgt)
 
     def denoise(self, doc: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
         """Denoising (BART's text infilling with T5 sentinels): noise spans replaced by sentinels in the input;
         the target is the whole window. Most target tokens are read off the input, so it teaches the
         cross-attention to copy, which extraction tasks need and which prefix and span targets never ask for."""
         w = self._window(doc, max(2, min(self.max_source_len, self.max_target_len) - 1), rng)
-        keep_len, noise_len = self._noise_layout(len(w), rng)
-        src, pos = [], 0
-        for i in range(len(noise_len)):
-            src += [w[pos: pos + keep_len[i]], self.sentinel_ids[i: i + 1]]
-            pos += keep_len[i] + noise_len[i]
-        src.append(w[pos:])
+        src, _ = self._cut_spans(w, *self._noise_layout(len(w), rng))
         eos = np.array([EOS_ID], dtype=np.int32)
-        return np.concatenate(src + [eos]), np.concatenate([w, eos])
+        return np.concatenate([src, eos]), np.concatenate([w, eos])
 
 
 def collate_pairs(pairs: Sequence[tuple[np.ndarray, np.ndarray]], pad_to_multiple_of: int = 0) -> dict:
