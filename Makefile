@@ -1,5 +1,5 @@
-# Two commands: `make demo` and `make test`. Both create .venv and install requirements on first use;
-# the stamp file makes later runs skip the install unless requirements.txt changed.
+# Two commands: `make demo` and `make test`. Both create .venv, install requirements and the project (editable)
+# on first use; the stamp file makes later runs skip the install unless requirements.txt or pyproject.toml changed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,10 +11,12 @@ export PYTHONUNBUFFERED := 1
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -c "import setuptools" 2>/dev/null || $(PY) -m pip install --quiet setuptools
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: $(STAMP)

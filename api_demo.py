@@ -6,7 +6,7 @@
     python api_demo.py --help                      # every InferConfig field with its type, default and meaning
 
 Any InferConfig field can be given (``--max_concurrency=4 --max_new_tokens=128``); the key may also come from
-the environment variable CHATLM_API_KEY (no key: no auth). The server lives in model/server.py.
+the environment variable CHATLM_API_KEY (no key: no auth). The server lives in model/serving/server.py.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from config import InferConfig, make_config, run_cli
 
 def main(**overrides) -> None:
     cfg = make_config(InferConfig, **overrides)
-    from model.server import serve  # torch and the model load here, after --help and flag checks
+    from model.serving.server import serve  # torch and the model load here, after --help and flag checks
     try:
         serve(cfg)
     except FileNotFoundError as e:

@@ -82,7 +82,7 @@ def main(**overrides) -> None:
         cfg = make_config(InferConfig, **overrides)
         from transformers.utils import logging as hf_logging
 
-        from model.infer import ChatBot  # torch and transformers load here, after --help and flag checks
+        from model.serving.infer import ChatBot  # torch and transformers load here, after --help and flag checks
         hf_logging.disable_progress_bar()  # no "Loading weights" bar in the chat window
         with console.status(f"loading {cfg.model_dir} ..."):
             bot = ChatBot(cfg)

@@ -153,7 +153,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class DPOConfig:
-    """Preference optimisation (DPO/IPO) of the SFT model, full or LoRA (model/dpo.py, dpo_train.py)."""
+    """Preference optimisation (DPO/IPO) of the SFT model, full or LoRA (model/training/dpo.py, dpo_train.py)."""
 
     sft_model_dir: str = "model_save/sft"  # the policy to start from (a plain model folder or a hub id)
     push_to_hub: Optional[str] = None  # a hub repo id: upload the final folder (with its model card) there

@@ -6,7 +6,7 @@
     python dpo_train.py merge --adapter_dir=model_save/dpo_lora --output_dir=model_save/dpo_merged
     python dpo_train.py --help                                                # every DPOConfig field
 
-Every field of ``config.DPOConfig`` is a flag (``--beta=0.2 --loss_type=ipo``); the logic is in model/dpo.py.
+Every field of ``config.DPOConfig`` is a flag (``--beta=0.2 --loss_type=ipo``); the logic is in model/training/dpo.py.
 ``python dpo_train.py train ...`` (the older spelling) still works.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from config import DPOConfig, make_config, run_cli
 def train(**overrides):
     """Train with DPOConfig defaults overridden by the flags; prints the eval figures as JSON at the end."""
     cfg = make_config(DPOConfig, **overrides)
-    from model.dpo import train_dpo  # torch loads after the flags are checked
+    from model.training.dpo import train_dpo  # torch loads after the flags are checked
     result = train_dpo(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         from model.hub import push_folder, write_model_card
@@ -35,7 +35,7 @@ def train(**overrides):
 def merge(adapter_dir: str, output_dir: str, base_model_dir: str | None = None):
     """Fold a LoRA adapter into its base model (default: the one named in adapter_config.json) and write a
     plain Hugging Face T5 folder."""
-    from model.dpo import merge_lora
+    from model.training.dpo import merge_lora
     print(f"merged model written to {merge_lora(adapter_dir, output_dir, base_model_dir)}")
 
 

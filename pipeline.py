@@ -156,7 +156,7 @@ def tokenizer_figures(tok_dir: Path, valid_file: Path) -> dict:
     """Vocabulary, counting figures, and characters per token on (up to 1,000 rows of) the validation split."""
     import pandas as pd
 
-    from model.tokenizer import load_tokenizer
+    from model.tokenizer.build import load_tokenizer
     stats = _read_json(tok_dir / "training_stats.json")
     tok = load_tokenizer(tok_dir)
     out = {k: stats[k] for k in ("distinct_pieces", "texts", "chars", "count_seconds", "train_seconds") if k in stats}
@@ -352,7 +352,7 @@ def export_final(cfg: PipelineConfig) -> dict:
 
 
 def sample_chats(cfg: PipelineConfig) -> dict:
-    from model.infer import ChatBot  # torch and transformers load here, not for --help or the other stages
+    from model.serving.infer import ChatBot  # torch and transformers load here, not for --help or the other stages
     bot = ChatBot(make_config(InferConfig, model_dir=str(cfg.root), max_new_tokens=64))  # folder's decoding
     result = {"heldout": [], "samples": []}
     if cfg.heldout and Path(cfg.heldout).is_file():
@@ -383,7 +383,7 @@ def sample_chats(cfg: PipelineConfig) -> dict:
                                      ("max_new_tokens", "repetition_penalty", "no_repeat_ngram_size"))
     console.print(f"degenerate answers: {result['degenerate']} of {len(all_ids)}, distinct-2 {result['distinct_2']}")
     try:
-        from model.server import sample_exchange
+        from model.serving.server import sample_exchange
         console.rule("sample API exchange")
         exchange = sample_exchange(str(cfg.root))
         console.print(exchange, markup=False)

@@ -14,7 +14,7 @@ from config import run_cli
 
 
 def main(stage: str = "pretrain", reference_settings: bool = False, resume_from_checkpoint=None, **overrides):
-    from model.trainer import hf_train, train_config
+    from model.training.trainer import hf_train, train_config
     cfg = train_config(stage, **overrides)
     result = hf_train(cfg, reference_settings=reference_settings, resume_from_checkpoint=resume_from_checkpoint)
     print(json.dumps(result, ensure_ascii=False, default=str))

@@ -11,7 +11,7 @@ from config import run_cli
 
 
 def main(stage: str = "sft", reference_settings: bool = False, resume_from_checkpoint=None, **overrides):
-    from model.trainer import hf_train, train_config
+    from model.training.trainer import hf_train, train_config
     overrides.setdefault("is_finetune", True)
     cfg = train_config(stage, **overrides)
     result = hf_train(cfg, reference_settings=reference_settings, resume_from_checkpoint=resume_from_checkpoint)

@@ -1,4 +1,4 @@
-"""Pretraining and SFT with the project's accelerate trainer (logic in model/trainer.py).
+"""Pretraining and SFT with the project's accelerate trainer (logic in model/training/trainer.py).
 
     accelerate launch train.py --train_file=data/generated/all/my_train_dataset.parquet
     accelerate launch train.py --is_finetune=True --init_from=model_save/pretrain --train_file=sft.parquet
@@ -19,7 +19,7 @@ from config import run_cli
 
 
 def train(stage: str | None = None, **overrides) -> None:
-    from model.trainer import train as run_training, train_config  # torch loads after the flags are parsed
+    from model.training.trainer import train as run_training, train_config  # torch loads after the flags are parsed
     cfg = train_config(stage, **overrides)
     result = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

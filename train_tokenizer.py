@@ -7,7 +7,7 @@
 
 Inputs: text files (one text a line), ``.jsonl`` (``--columns`` fields), ``.parquet`` (``--columns``, default
 every string column), globs and folders, comma-separated. Every option of ``TokenizerTrainConfig``
-(model/tokenizer.py) is a flag. Writes ``tokenizer.json``, ``tokenizer_config.json`` and
+(model/tokenizer/build.py) is a flag. Writes ``tokenizer.json``, ``tokenizer_config.json`` and
 ``training_stats.json`` to ``--output_dir``; load with ``AutoTokenizer.from_pretrained(output_dir)``.
 ``--help`` lists every option with its type, default and meaning.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 
 from config import make_config, run_cli
-from model.tokenizer import TOKENIZER_PRESETS, TokenizerTrainConfig, train_from_config
+from model.tokenizer.build import TOKENIZER_PRESETS, TokenizerTrainConfig, train_from_config
 
 
 def main(preset: str = "default", **overrides):

@@ -17,17 +17,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import fire  # noqa: E402
-import torch  # noqa: E402
+import fire
+import torch
 
 
 def _load_pairs(split: str):
@@ -44,9 +39,9 @@ def _load_pairs(split: str):
 def _build_models(work: Path, train_steps: int, model_dir, base_preset: str):
     """(trained model folder, base-size random model folder)."""
     from model.chat_model import TextToTextModel
-    from model.checkpoint import save_model_folder
-    from model.tokenizer import load_tokenizer, train_tokenizer
-    from tests.helpers import fit_toy_model
+    from model.data.checkpoint import save_model_folder
+    from model.tokenizer.build import load_tokenizer, train_tokenizer
+    from bench.toy_model import fit_toy_model
 
     if model_dir:
         trained = Path(model_dir)
@@ -72,8 +67,8 @@ def _measure(model_dir: Path, prompts, max_new: int, threads: int, rounds: int, 
     """Per-path totals: tokens, seconds, time to first text; every prompt through every path in turn."""
     import httpx
 
-    from model.infer import ChatBot, TokenStreamer
-    from model.server import ServerThread, create_app
+    from model.serving.infer import ChatBot, TokenStreamer
+    from model.serving.server import ServerThread, create_app
 
     common = dict(model_dir=str(model_dir), max_new_tokens=max_new, max_prompt_tokens=256, torch_threads=threads,
                   max_concurrency=1, search_type="greedy")
@@ -193,7 +188,7 @@ def _measure(model_dir: Path, prompts, max_new: int, threads: int, rounds: int, 
 
 def _agreement(bot, ct2_dir: Path, prompts, max_new: int, threads: int) -> dict:
     """Share of prompts whose greedy answer is identical to torch fp32's, for ct2 int8 and ct2 float32."""
-    from model.infer import ChatBot
+    from model.serving.infer import ChatBot
     try:
         import ctranslate2  # noqa: F401
     except ImportError:

@@ -22,13 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+import fire
+
+from config import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import fire  # noqa: E402
-
-from config import SHARED_DATA  # noqa: E402
 
 MINI = dict(d_model=256, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=64, d_ff=1024)
 TINY = dict(d_model=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=32, d_ff=512)
@@ -79,7 +77,7 @@ def _prepare(out: Path) -> tuple[Path, dict]:
 
 def _config(name: str, spec: dict, data: Path, toks: dict, out: Path, steps: int, eval_every: int,
             max_eval: int, threads: int):
-    from model.trainer import train_config
+    from model.training.trainer import train_config
     spec = dict(spec)
     tok = toks[spec.pop("tokenizer", "8192")]
     cfg = train_config("pretrain", **spec, train_file=f"{data / 'my_text_dataset.parquet'}:1,"
@@ -156,7 +154,7 @@ def main(quick: bool = False, budget_s: float = 0, only: str | tuple = "", out: 
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
     out_p = (ROOT / out) if not Path(out).is_absolute() else Path(out)
-    from model.trainer import probe_seconds_per_step, train
+    from model.training.trainer import probe_seconds_per_step, train
     data, toks = _prepare(out_p)
     results = []
     for name in names:

@@ -1,4 +1,4 @@
-"""Serving throughput under concurrent clients: the batched server (model/batching.py) at 1, 4 and 16 clients.
+"""Serving throughput under concurrent clients: the batched server (model/serving/batching.py) at 1, 4 and 16 clients.
 
 A real server process (``python api_demo.py``, uvicorn on a free local port) serves the ``small`` preset with
 random weights (embeddings damped so it writes text; the [PAD] and [EOS] rows zeroed so neither wins the
@@ -28,23 +28,21 @@ import threading
 import time
 from pathlib import Path
 
+import fire
+import httpx
+import torch
+
+from model.serving.server import sse_events
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import fire  # noqa: E402
-import httpx  # noqa: E402
-import torch  # noqa: E402
-
-from model.server import sse_events  # noqa: E402
 
 
 def _build_model(work: Path, preset: str) -> tuple[Path, list[str]]:
     from bench.bench_generate import _load_pairs
     from config import EOS_ID, PAD_ID
     from model.chat_model import TextToTextModel
-    from model.checkpoint import save_model_folder
-    from model.tokenizer import train_tokenizer
+    from model.data.checkpoint import save_model_folder
+    from model.tokenizer.build import train_tokenizer
 
     pairs = _load_pairs("train_dataset_3k")
     tok = train_tokenizer([t for p in pairs for t in p], vocab_size=4096, token_type="char")

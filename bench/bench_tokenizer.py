@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 PD_TAG = re.compile(r"/[A-Za-z]+\]?[a-z]*|\[|^\d{8}-\d\d-\d{3}-\d{3}")

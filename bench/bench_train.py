@@ -1,7 +1,7 @@
 """Training throughput: train.py's trainer against transformers' Seq2SeqTrainer, same model and data, one run.
 
 Four trainers on the same initial weights, data, batch size and step count:
-  * ours       - model.trainer.train (train.py) with ``packing=True``: several examples per row, block-diagonal
+  * ours       - model.training.trainer.train (train.py) with ``packing=True``: several examples per row, block-diagonal
                  attention (a batch is ``batch_size`` packed rows);
   * ours_grouped - the same trainer without packing: length-grouped batches, dynamic padding;
   * hf_ref     - Seq2SeqTrainer with the reference project's settings (Adafactor, random sampling);
@@ -23,18 +23,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import fire
+import torch
 
-import fire  # noqa: E402
-import torch  # noqa: E402
-
-from config import SHARED_DATA, model_config  # noqa: E402
+from config import SHARED_DATA, model_config
 
 DEFAULT_DATA = SHARED_DATA / "sft" / "chatlm-samples" / "my_train_dataset_3k.parquet"
 
@@ -91,7 +86,7 @@ class CountingCollator:
     """Seq2SeqCollator that records each batch's non-pad tokens (for the HF runs' token counts)."""
 
     def __init__(self):
-        from model.dataset import Seq2SeqCollator
+        from model.data.dataset import Seq2SeqCollator
         self.inner, self.counts, self.sizes = Seq2SeqCollator(), [], []
 
     def __call__(self, features):
@@ -106,8 +101,8 @@ def prepare(out: Path, train_file: str, preset: str, vocab_size: int, max_len: i
     """A tokenizer trained on the bench data and a randomly initialised model folder both trainers start from."""
     import pandas as pd
     from model.chat_model import TextToTextModel
-    from model.checkpoint import save_model_folder
-    from model.tokenizer import train_tokenizer
+    from model.data.checkpoint import save_model_folder
+    from model.tokenizer.build import train_tokenizer
     df = pd.read_parquet(train_file, columns=["prompt", "response"])
     texts = df["prompt"].tolist() + df["response"].tolist()
     tok = train_tokenizer(texts, vocab_size=min(vocab_size, 8192), token_type="char")
@@ -117,7 +112,7 @@ def prepare(out: Path, train_file: str, preset: str, vocab_size: int, max_len: i
 
 
 def run_ours(base: dict, init: Path, out: Path, device: str, packing: bool) -> dict:
-    from model.trainer import train, train_config
+    from model.training.trainer import train, train_config
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     res = train(train_config(None, init_from=str(init), output_dir=str(out), packing=packing, **base))
@@ -130,7 +125,7 @@ def run_ours(base: dict, init: Path, out: Path, device: str, packing: bool) -> d
 
 
 def run_hf(base: dict, init: Path, out: Path, device: str, group: bool, steps: int) -> dict:
-    from model.trainer import hf_train, train_config
+    from model.training.trainer import hf_train, train_config
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     coll, timer = CountingCollator(), LoopTimer()

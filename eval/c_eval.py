@@ -21,14 +21,10 @@ import csv
 import json
 import math
 import re
-import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
-
-if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
 import torch
@@ -37,7 +33,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from config import PAD_ID, PROJECT_ROOT, SHARED_DATA, make_config
-from model.checkpoint import load_model_folder
+from model.data.checkpoint import load_model_folder
 
 CATEGORIES = ("STEM", "Social Science", "Humanities", "Other")
 UNMAPPED = "Unmapped"

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from config import run_cli  # noqa: E402
+from config import run_cli
 
 PENALTIES = (1.0, 1.15, 1.3, 1.5, 1.8)
 NGRAMS = (0, 3, 4)
@@ -27,7 +23,7 @@ NGRAMS = (0, 3, 4)
 
 def held_out_prompts(path: str, n: int, skip: int = 0) -> list[str]:
     """The first ``n`` distinct prompts (after ``skip``) of a prompt/response file any source reader takes."""
-    from model.sources import iter_records
+    from model.data.sources import iter_records
     seen: list[str] = []
     for where, rec, error in iter_records(path):
         if error or not isinstance((rec or {}).get("prompt"), str):
@@ -71,7 +67,7 @@ def choose(model_dir: str = "model_save/cpu", prompts: str = "", n: int = 64, sk
            num_threads: int = 2) -> dict:
     """Sweep the grid on ``n`` held-out prompts; print the table and the chosen setting (saved with --write)."""
     import torch
-    from model.infer import ChatBot
+    from model.serving.infer import ChatBot
     torch.set_num_threads(num_threads)
     if not prompts:
         raise SystemExit("--prompts: a held-out prompt/response file (e.g. <root>/data/my_valid_dataset.parquet)")

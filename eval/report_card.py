@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from model.logging_utils import read_jsonl
-from model.plots import plot_curves
+from model.training.plots import plot_curves
 
 VERSIONS = ("torch", "transformers", "accelerate", "tokenizers", "peft", "datasets", "pyarrow")
 

@@ -9,7 +9,7 @@ labelled with its role, and the question comes last::
     用户：<question>
 
 The tokenizer then appends ``[EOS]``. ``utils/readers.py`` builds the multi-turn training rows with
-``join_history``; ``model/sources.py`` maps ``messages``/``conversations`` rows through ``render_messages``;
+``join_history``; ``model/data/sources.py`` maps ``messages``/``conversations`` rows through ``render_messages``;
 ``ChatBot.build_input_ids`` renders the turns that fit its token budget and encodes the whole prompt.
 
 ``CHAT_TEMPLATE`` is the same layout as a Jinja chat template, generated from ``ROLE_LABELS`` and saved in

@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from config import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from config import SHARED_DATA  # noqa: E402
-
 torch.set_num_threads(1)
 
 
@@ -35,7 +31,7 @@ def demo_data(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(demo_data):
-    from model.tokenizer import train_tokenizer
+    from model.tokenizer.build import train_tokenizer
     lines = Path(demo_data["corpus"]).read_text(encoding="utf-8").splitlines()
     return train_tokenizer(lines, vocab_size=1024, token_type="char")
 
@@ -44,7 +40,7 @@ def tiny_tokenizer(demo_data):
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A randomly initialised tiny model saved as a plain HF folder."""
     from model.chat_model import TextToTextModel
-    from model.checkpoint import save_model_folder
+    from model.data.checkpoint import save_model_folder
     torch.manual_seed(0)
     model = TextToTextModel.from_preset("tiny", vocab_size=len(tiny_tokenizer))
     return save_model_folder(model, tiny_tokenizer, tmp_path_factory.mktemp("models") / "tiny")
@@ -54,7 +50,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 def toy_model_dir(tmp_path_factory, demo_data, tiny_tokenizer) -> Path:
     """The tiny model after 100 steps on the demo SFT pairs: prompt-dependent answers ending in [EOS]."""
     import pandas as pd
-    from helpers import fit_toy_model
+    from bench.toy_model import fit_toy_model
     df = pd.read_parquet(demo_data["sft"])
     return fit_toy_model(tmp_path_factory.getbasetemp() / "toy_chat", list(zip(df.prompt, df.response)),
                          tiny_tokenizer, steps=100, reuse=True)

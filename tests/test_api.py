@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from model.infer import ChatBot
-from model.server import ServerThread, create_app, get_state, sample_exchange
+from model.serving.infer import ChatBot
+from model.serving.server import ServerThread, create_app, get_state, sample_exchange
 
 PROMPTS = ["你好", "3加5等于多少？", "星期四的后一天是星期几？", "7千米等于多少米？", "怎样保持健康？",
            "十二加九等于多少？", "六月的上一个月是几月？", "你是谁？", "今天心情不好怎么办？", "2加2等于多少？",

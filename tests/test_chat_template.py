@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from config import EOS_ID
-from model.infer import ChatBot
+from model.serving.infer import ChatBot
 from model.prompt import CHAT_TEMPLATE, join_history, render_chat, render_messages, to_messages
 
 TURNS = [("你好", "你好！有什么可以帮你？"), ("3加5等于多少？", "8"), ("星期四的后一天是星期几？", "星期五")]
@@ -44,7 +44,7 @@ def test_template_and_python_layout_agree():
 def test_saved_tokenizers_carry_the_template(toy_model_dir, tiny_tokenizer, tmp_path):
     cfg = json.loads((toy_model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert cfg["chat_template"] == CHAT_TEMPLATE
-    from model.tokenizer import save_tokenizer
+    from model.tokenizer.build import save_tokenizer
     out = save_tokenizer(tiny_tokenizer, tmp_path / "tok")
     assert json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"] == CHAT_TEMPLATE
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cli_demo import chat_loop
-from model.infer import ChatBot
+from model.serving.infer import ChatBot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_field_with_type_default_and_meaning():
     import dataclasses
     from config import DPOConfig, InferConfig, PipelineConfig, TrainConfig
-    from model.tokenizer import TokenizerTrainConfig
+    from model.tokenizer.build import TokenizerTrainConfig
     for script, cls in (("train.py", TrainConfig), ("dpo_train.py", DPOConfig), ("api_demo.py", InferConfig),
                         ("cli_demo.py", InferConfig), ("pipeline.py", PipelineConfig),
                         ("train_tokenizer.py", TokenizerTrainConfig)):

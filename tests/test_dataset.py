@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from config import EOS_ID, PAD_ID
-from model.dataset import (Encoder, InMemoryBatches, StreamingBatches, TextToTextDataset, collate_pairs,
-                           inspect_source, parse_file_spec)
+from model.data.dataset import (Encoder, InMemoryBatches, StreamingBatches, TextToTextDataset, collate_pairs,
+                                inspect_source, parse_file_spec)
 
 PROSE = ["春天到了，公园里的花都开了。小朋友们在草地上放风筝！北京是中国的首都，有很多名胜古迹。",
          "每天早上，爷爷都会去河边散步。他喜欢呼吸新鲜的空气？学习是一件快乐的事情。",
@@ -258,7 +258,7 @@ def test_empty_rows_are_skipped_and_counted(tiny_tokenizer, tmp_path):
     assert len(ds) == 1 and ds.skipped == {str(p): 2}
 
 
-# ------------------------------------------------------------------------ any dataset in (model/sources.py)
+# ------------------------------------------------------------------------ any dataset in (model/data/sources.py)
 PAIRS = [("你好", "你好！"), ("3加5等于多少？", "8"), ("星期四的后一天是星期几？", "星期五"), ("7千米等于多少米？", "7000米")]
 
 
@@ -291,7 +291,7 @@ def _write_formats(d, pairs):
 
 
 def test_every_format_gives_the_same_rows(tmp_path):
-    from model.sources import iter_source_rows, open_sources
+    from model.data.sources import iter_source_rows, open_sources
     for name, spec in _write_formats(tmp_path / "f", PAIRS).items():
         (src,) = open_sources(spec)
         rows = [r for _, rs, _ in iter_source_rows(src, chunk=3) for r in rs]
@@ -306,7 +306,7 @@ def test_every_format_gives_the_same_rows(tmp_path):
 
 def test_globs_folders_and_column_mapping(tmp_path):
     import json
-    from model.sources import open_sources
+    from model.data.sources import open_sources
     d = tmp_path / "many"
     for i in range(3):
         (d / f"part{i}").mkdir(parents=True)
@@ -328,7 +328,7 @@ def test_globs_folders_and_column_mapping(tmp_path):
 
 def test_multi_turn_messages_use_the_chat_template(tmp_path, tiny_tokenizer):
     import json
-    from model.sources import iter_source_rows, open_sources
+    from model.data.sources import iter_source_rows, open_sources
     conv = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
             {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "3加5等于多少？"},
             {"role": "assistant", "content": "8"}]
@@ -343,7 +343,7 @@ def test_multi_turn_messages_use_the_chat_template(tmp_path, tiny_tokenizer):
 
 def test_bad_rows_are_counted_and_reported_with_file_row_and_field(tmp_path, tiny_tokenizer):
     import json
-    from model.sources import bad_row_report
+    from model.data.sources import bad_row_report
     p = tmp_path / "bad.jsonl"
     lines = [json.dumps({"prompt": "你好", "completion": "你好！"}, ensure_ascii=False), "{not json",
              json.dumps({"prompt": "再见", "completion": None}, ensure_ascii=False),

@@ -21,7 +21,7 @@ def test_mildest_setting_within_the_bound_wins():
 
 
 def test_choose_writes_the_setting_that_chatbot_then_uses(toy_model_dir, demo_data, tmp_path):
-    from model.infer import ChatBot
+    from model.serving.infer import ChatBot
     folder = tmp_path / "model"
     shutil.copytree(toy_model_dir, folder)
     result = choose(model_dir=str(folder), prompts=demo_data["sft"], n=6, max_new_tokens=12, write=True,

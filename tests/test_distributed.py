@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_processes_shard_data_and_keep_equal_weights(tiny_tokenizer, demo_data, tmp_path):
-    from model.tokenizer import save_tokenizer
+    from model.tokenizer.build import save_tokenizer
     tok_dir = save_tokenizer(tiny_tokenizer, tmp_path / "tok")
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")

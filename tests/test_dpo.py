@@ -12,9 +12,9 @@ from transformers import AutoModelForSeq2SeqLM
 
 from config import DPOConfig, make_config
 from model.chat_model import TextToTextModel
-from model.checkpoint import load_model_folder, save_model_folder
-from model.dpo import (PairScorer, PreferenceDataset, add_lora, collate_pairs, compute_reference_logps, dpo_loss,
-                       epoch_batches, read_preference_file, train_dpo, trainable_parameter_names)
+from model.data.checkpoint import load_model_folder, save_model_folder
+from model.training.dpo import (PairScorer, PreferenceDataset, add_lora, collate_pairs, compute_reference_logps, dpo_loss,
+                                epoch_batches, read_preference_file, train_dpo, trainable_parameter_names)
 from tests.conftest import require_shared_data
 
 BETA = 0.1
@@ -173,8 +173,8 @@ def test_kill9_then_resume_equals_uninterrupted_run(sft_dir, demo_data, tmp_path
     import subprocess
     import sys
 
-    from model.checkpoint import latest_checkpoint
-    from model.engine import param_checksum
+    from model.data.checkpoint import latest_checkpoint
+    from model.training.engine import param_checksum
     kw = dict(max_steps=9, lr_scheduler="cosine", warmup_steps=2, save_steps=4, use_lora=use_lora, lora_r=4,
               lora_dropout=0.1, merge_lora=False, log_with="none")
     ref = train_dpo(_cfg(sft_dir, demo_data, tmp_path / "a", **kw))
@@ -276,7 +276,7 @@ def _write_json(path: Path, obj) -> Path:
 
 
 def test_build_reads_every_schema_and_counts_drops(tmp_path, tiny_tokenizer):
-    from model.tokenizer import save_tokenizer
+    from model.tokenizer.build import save_tokenizer
     from utils.dpo_data_process import build
     tok_dir = save_tokenizer(tiny_tokenizer, tmp_path / "tok")
     src = tmp_path / "src"
@@ -349,7 +349,7 @@ def test_generate_rejected_uses_batched_greedy_sft_answers(sft_dir, tmp_path):
 
 def test_build_on_shared_dpo_data(tmp_path, tiny_tokenizer):
     root = require_shared_data("dpo")
-    from model.tokenizer import save_tokenizer
+    from model.tokenizer.build import save_tokenizer
     from utils.dpo_data_process import build
     tok_dir = save_tokenizer(tiny_tokenizer, tmp_path / "tok")
     rep = build(inputs=str(root), tokenizer_dir=str(tok_dir), out_dir=str(tmp_path / "out"), max_source_len=256,
@@ -393,7 +393,7 @@ def test_a_small_preference_set_still_holds_out_one_prompt():
 def test_build_and_generate_read_datasets_sources_and_csv(tmp_path, tiny_tokenizer):
     """Preference and prompt/response inputs also come as datasets sources (hf:NAME[:SPLIT][?...]) and .csv."""
     from collections import Counter
-    from model.tokenizer import save_tokenizer
+    from model.tokenizer.build import save_tokenizer
     from utils.dpo_data_process import build, read_prompt_answer
     tok_dir = save_tokenizer(tiny_tokenizer, tmp_path / "tok")
     rows = [{"prompt": f"问题{i}", "chosen": f"好的回答{i}", "rejected": f"坏{i}"} for i in range(6)]

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.trainer import hf_train, train_config
+from model.training.trainer import hf_train, train_config
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tiny_tokenizer, tmp_path_factory):
-    from model.tokenizer import save_tokenizer
+    from model.tokenizer.build import save_tokenizer
     return str(save_tokenizer(tiny_tokenizer, tmp_path_factory.mktemp("tok")))
 
 
@@ -69,7 +69,7 @@ def test_sft_with_freeze(tiny_model_dir, demo_data, tmp_path):
 def test_zero_intervals_mean_off_in_both_trainers(tok_dir, demo_data, tmp_path):
     """--save_steps=0 --eval_steps=0 --logging_steps=0: no checkpoints and no interval logging, the run still
     finishes and exports its model (project trainer and Seq2SeqTrainer alike)."""
-    from model.trainer import train
+    from model.training.trainer import train
     zero = dict(save_steps=0, eval_steps=0, logging_steps=0, valid_file=demo_data["sft_valid"], max_eval_samples=8,
                 bleu_samples=0)
     hf = hf_train(train_config("pretrain", **kw(tok_dir, demo_data, tmp_path / "hf", **zero)))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import check_model_folder, load_model_folder, publish_model, save_model_folder
+from model.data.checkpoint import check_model_folder, load_model_folder, publish_model, save_model_folder
 
 
 class FakeApi:
@@ -53,8 +53,8 @@ def test_every_saved_folder_has_a_model_card_with_the_run_figures(tiny_model_dir
 
 def test_push_to_hub_from_train_dpo_and_pipeline(tiny_model_dir, tmp_path, monkeypatch, fake_hub):
     import dpo_train
-    import model.dpo
-    import model.trainer
+    import model.training.dpo
+    import model.training.trainer
     import train
 
     def fake_run(cfg):  # the training itself is tested elsewhere: here only what happens after it
@@ -62,7 +62,7 @@ def test_push_to_hub_from_train_dpo_and_pipeline(tiny_model_dir, tmp_path, monke
         (Path(cfg.output_dir) / "checkpoints").mkdir(exist_ok=True)
         return {"output_dir": cfg.output_dir, "steps": 3}
 
-    monkeypatch.setattr(model.trainer, "train", fake_run)
+    monkeypatch.setattr(model.training.trainer, "train", fake_run)
     train.train(stage="demo_sft", output_dir=str(tmp_path / "sft"), push_to_hub="me/chatlm-sft")
     kind, repo, folder, files, ignore = fake_hub[-1]
     assert (kind, repo, folder) == ("upload_folder", "me/chatlm-sft", str(tmp_path / "sft"))
@@ -70,7 +70,7 @@ def test_push_to_hub_from_train_dpo_and_pipeline(tiny_model_dir, tmp_path, monke
     assert "checkpoints/*" in ignore
     assert "demo" in (tmp_path / "sft" / "README.md").read_text(encoding="utf-8")  # its training data
 
-    monkeypatch.setattr(model.dpo, "train_dpo", fake_run)
+    monkeypatch.setattr(model.training.dpo, "train_dpo", fake_run)
     dpo_train.train(output_dir=str(tmp_path / "dpo"), push_to_hub="me/chatlm-dpo")
     assert fake_hub[-1][1:3] == ("me/chatlm-dpo", str(tmp_path / "dpo"))
 
@@ -95,12 +95,12 @@ def test_hub_ids_are_resolved_wherever_a_folder_is_read(toy_model_dir, tmp_path,
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     assert check_model_folder("someone/chatlm-toy") == toy_model_dir
     model, tok = load_model_folder("someone/chatlm-toy", device="cpu")
-    from model.infer import ChatBot
+    from model.serving.infer import ChatBot
     bot = ChatBot(model_dir="someone/chatlm-toy", device="cpu", max_new_tokens=8)
     assert bot.chat("你好") == ChatBot(model_dir=str(toy_model_dir), device="cpu", max_new_tokens=8).chat("你好")
     # init_from (train.py) and sft_model_dir (dpo_train.py) read folders through check_model_folder too
     from config import TrainConfig
-    from model.trainer import load_tokenizer_and_model
+    from model.training.trainer import load_tokenizer_and_model
     _, m = load_tokenizer_and_model(TrainConfig(is_finetune=True, init_from="someone/chatlm-toy"))
     assert torch.equal(m.shared.weight, model.shared.weight)
     assert set(asked) == {"someone/chatlm-toy"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import EOS_ID, InferConfig, make_config
-from model.infer import ChatBot, GenerationCancelled, PromptTooLong, TokenStreamer
+from model.serving.infer import ChatBot, GenerationCancelled, PromptTooLong, TokenStreamer
 from model.prompt import join_history
 
 PROMPTS = ["你好", "3加5等于多少？", "星期四的后一天是星期几？", "7千米等于多少米？", "怎样保持健康？",

@@ -13,7 +13,7 @@ from transformers import TextIteratorStreamer
 
 from config import EOS_ID, PAD_ID, make_config, model_config, TrainConfig
 from model.chat_model import SEARCH_TYPES, TextToTextModel
-from model.checkpoint import check_model_folder, load_model_folder
+from model.data.checkpoint import check_model_folder, load_model_folder
 
 PROMPTS = ["3加5等于多少？", "中国的首都是哪里？", "把数字42写成中文。"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.chat_model import TextToTextModel
-from model.dataset import collate_pairs
+from model.data.dataset import collate_pairs
 from model.packing import collate_packed, pack_rows
 
 
@@ -80,8 +80,8 @@ def test_packed_training_resumes_exactly_and_pads_little(tiny_tokenizer, demo_da
     """SFT with packing: few padding tokens, every training sample used once per epoch, and a run stopped after
     a checkpoint and continued ends bitwise equal to an uninterrupted one (same machine, same threads)."""
     from config import TrainConfig, make_config
-    from model.tokenizer import save_tokenizer
-    from model.trainer import train
+    from model.tokenizer.build import save_tokenizer
+    from model.training.trainer import train
     tok = str(save_tokenizer(tiny_tokenizer, tmp_path / "tok"))
     kw = dict(preset="tiny", tokenizer_dir=tok, train_file=demo_data["sft"], valid_file=None, packing=True,
               batch_size_per_gpu=4, max_source_len=64, max_target_len=64, max_steps=10, save_steps=4,

@@ -81,10 +81,9 @@ def test_degenerate_answers_and_distinct_2():
 def test_power_law_fit_recovers_a_known_curve_and_extrapolates():
     """bench_recipe's extrapolation: y = 7 + 3 x^-0.5 sampled exactly is recovered (c is on the fit's 0.005 grid)."""
     import json
-    import sys
     from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from bench_recipe import extrapolate, power_law_fit
+
+    from bench.bench_recipe import extrapolate, power_law_fit
     xs = np.array([100, 200, 400, 800, 1600], dtype=float)
     fit = power_law_fit(xs, 7 + 3 * xs ** -0.5)
     assert fit["c"] == pytest.approx(0.5, abs=1e-9) and fit["a"] == pytest.approx(7, abs=1e-9)

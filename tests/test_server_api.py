@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from config import EOS_ID, InferConfig, make_config
-from model.infer import ChatBot
-from model.server import ServerThread, create_app, get_state
+from model.serving.infer import ChatBot
+from model.serving.server import ServerThread, create_app, get_state
 from test_api import client, oa, server  # noqa: F401  (fixtures: the server around this module's bot)
 
 Q = "3加5等于多少？"
@@ -212,6 +212,6 @@ def test_cors_allow_list_with_auth(toy_model_dir):
 def test_cors_origins_flag_forms():
     assert make_config(InferConfig, cors_origins="*").cors_origins == "*"
     assert make_config(InferConfig, cors_origins=("http://a", "http://b")).cors_origins == ("http://a", "http://b")
-    from model.server import _origins
+    from model.serving.server import _origins
     assert _origins("http://a, http://b/") == ["http://a", "http://b"]
     assert _origins(("http://a",)) == ["http://a"] and _origins(None) == []

@@ -1,4 +1,4 @@
-"""Continuous batching (model/batching.py): concurrent requests share decoder steps, and every greedy answer is
+"""Continuous batching (model/serving/batching.py): concurrent requests share decoder steps, and every greedy answer is
 the one the same request gets alone (token ids compared exactly), through the decoder and through the server."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-from model.batching import BatchDecoder
-from model.infer import ChatBot, GenerationCancelled
-from model.server import ServerThread, create_app, get_state, sse_events
+from model.serving.batching import BatchDecoder
+from model.serving.infer import ChatBot, GenerationCancelled
+from model.serving.server import ServerThread, create_app, get_state, sse_events
 from test_api import wait_for
 
 PROMPTS = ["你好", "3加5等于多少？", "星期四的后一天是星期几？", "7千米等于多少米？", "怎样保持健康？",

@@ -14,9 +14,9 @@ import pytest
 
 from config import EOS_ID, SPECIAL_TOKENS, UNK_ID, sentinel_token
 from conftest import ROOT, require_shared_data
-from model.tokenizer import (KEEP_CHARS, check_tokenizer, count_pieces, load_tokenizer, pre_tokenizer,
-                             save_tokenizer, train_from_counts, train_tokenizer)
-from model.tokenizer_counting import (CountStats, PieceCounts, PieceSplitter, chunk_piece, expand_inputs,
+from model.tokenizer.build import (KEEP_CHARS, check_tokenizer, count_pieces, load_tokenizer, pre_tokenizer,
+                                   save_tokenizer, train_from_counts, train_tokenizer)
+from model.tokenizer.counting import (CountStats, PieceCounts, PieceSplitter, chunk_piece, expand_inputs,
                                       iter_range_lines, plan_units)
 
 ROUND_TRIP = [
@@ -123,8 +123,8 @@ def test_plain_autotokenizer_loads_the_saved_folder(tokenizers, tmp_path):
 def test_sentencepiece_option_keeps_its_model_file(tokenizers, tmp_path, tiny_model_dir):
     import sentencepiece as spm
     from model.chat_model import TextToTextModel
-    from model.checkpoint import save_model_folder
-    from model.tokenizer import SENTENCEPIECE_FILE
+    from model.data.checkpoint import save_model_folder
+    from model.tokenizer.build import SENTENCEPIECE_FILE
     for kind in ("spm_unigram", "spm_bpe"):
         d = save_tokenizer(tokenizers[kind], tmp_path / kind)
         sp = spm.SentencePieceProcessor(model_file=str(d / SENTENCEPIECE_FILE))
@@ -171,7 +171,7 @@ def test_chunking_bounds_pieces_and_keeps_text():
 
 
 def test_byte_ranges_never_lose_or_repeat_lines(tmp_path):
-    import model.tokenizer_counting as tc
+    import model.tokenizer.counting as tc
 
     rng = random.Random(5)
     files, expected = [], []
@@ -221,7 +221,7 @@ def test_thinning_bounds_the_table_and_keeps_counts_unbiased():
 
 
 def test_processes_count_exactly_what_one_process_counts(tmp_path, corpus_lines, monkeypatch):
-    import model.tokenizer_counting as tc
+    import model.tokenizer.counting as tc
 
     monkeypatch.setattr(tc, "MIN_BYTES_PER_PROCESS", 1)  # small files: still start the worker processes
     contexts = []

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from config import TrainConfig, make_config
-from model.trainer import build_optimizer, build_scheduler, latest_checkpoint, train
+from model.training.trainer import build_optimizer, build_scheduler, latest_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tiny_tokenizer, tmp_path_factory):
-    from model.tokenizer import save_tokenizer
+    from model.tokenizer.build import save_tokenizer
     return str(save_tokenizer(tiny_tokenizer, tmp_path_factory.mktemp("tok")))
 
 
@@ -163,7 +163,7 @@ def test_onecycle_rises_then_falls():
 
 
 def test_sft_decoder_only_freezes_encoder_and_embeddings(tiny_model_dir, demo_data, tmp_path):
-    from model.trainer import train_config
+    from model.training.trainer import train_config
     before = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     cfg = train_config("sft", init_from=str(tiny_model_dir), train_file=demo_data["sft"], valid_file=None,
                        output_dir=str(tmp_path / "sft"), freeze="decoder_only", max_steps=3, batch_size_per_gpu=8,
@@ -182,7 +182,7 @@ def test_sft_decoder_only_freezes_encoder_and_embeddings(tiny_model_dir, demo_da
 
 
 def test_clear_errors(tok_dir, demo_data, tmp_path):
-    from model.trainer import train_config
+    from model.training.trainer import train_config
     with pytest.raises(ValueError, match="needs --init_from"):
         train(make_config(TrainConfig, is_finetune=True, train_file=demo_data["sft"], output_dir=str(tmp_path)))
     bad = tmp_path / "bad.parquet"
@@ -196,9 +196,9 @@ def test_clear_errors(tok_dir, demo_data, tmp_path):
 
 
 def test_metrics_logging_and_plot(tmp_path):
-    from model.metrics import char_bleu, perplexity
+    from model.training.metrics import char_bleu, perplexity
     from model.logging_utils import MetricsLogger, read_jsonl
-    from model.plots import plot_curves
+    from model.training.plots import plot_curves
     assert char_bleu(["今天天气很好"], ["今天天气很好"]) == pytest.approx(100.0)
     full = char_bleu(["今天天气很好，我们去公园散步吧"], ["今天天气很好，我们去公园散步吧"])
     short = char_bleu(["今天天气很好"], ["今天天气很好，我们去公园散步吧"])

@@ -1,4 +1,4 @@
-"""The web chat page (model/static/chat.html) in a real headless Chromium against a real server.
+"""The web chat page (model/serving/static/chat.html) in a real headless Chromium against a real server.
 
 Chromium is driven through the DevTools protocol over a pipe (``--remote-debugging-pipe``: JSON messages
 separated by NUL bytes on file descriptors 3 and 4), so the test needs no Python package beyond the standard
@@ -18,8 +18,8 @@ import time
 import httpx
 import pytest
 
-from model.infer import ChatBot
-from model.server import ServerThread, create_app, get_state
+from model.serving.infer import ChatBot
+from model.serving.server import ServerThread, create_app, get_state
 
 
 def find_chromium() -> str | None:

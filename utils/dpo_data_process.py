@@ -19,13 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
-
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
 from rich.console import Console
@@ -33,8 +29,8 @@ from rich.table import Table
 
 from config import DPOConfig
 from model.progress import track
-from model.tokenizer import load_tokenizer
-from model.sources import expand_path, iter_records
+from model.tokenizer.build import load_tokenizer
+from model.data.sources import expand_path, iter_records
 from utils.readers import Bad, _dpo_from_record, read_dpo
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -91,7 +87,7 @@ def iter_preference_pairs(path: str | Path, counts: Optional[Counter] = None) ->
     counts = counts if counts is not None else Counter()
     p = Path(path)
     first_error, good = None, 0
-    if str(path).startswith("hf:") or p.suffix == ".csv":  # a datasets source (model/sources.py)
+    if str(path).startswith("hf:") or p.suffix == ".csv":  # a datasets source (model/data/sources.py)
         source = _any_source_pairs(str(path))
         p = Path(str(path).replace("/", "_"))  # its name in the "source" column
     elif p.suffix == ".parquet":
@@ -120,7 +116,7 @@ def iter_preference_pairs(path: str | Path, counts: Optional[Counter] = None) ->
 
 
 def _any_source_pairs(spec: str) -> Iterator:
-    """Records of a datasets source or a .csv file through read_dpo's schemas (model/sources.py reads them)."""
+    """Records of a datasets source or a .csv file through read_dpo's schemas (model/data/sources.py reads them)."""
     for where, rec, err in iter_records(spec):
         if err is not None or not isinstance(rec, dict):
             yield Bad("invalid_json", where, err or "not a record")
@@ -271,9 +267,9 @@ def read_prompt_answer(path: str | Path, counts: Counter, limit: int = 0) -> lis
 
 
 def _rows_from_sources(spec, counts: Counter, limit: int = 0) -> list[dict]:
-    """prompt/response rows of any training source (model/sources.py: globs, folders, .csv, datasets sources;
+    """prompt/response rows of any training source (model/data/sources.py: globs, folders, .csv, datasets sources;
     completion, alpaca and messages columns)."""
-    from model.sources import iter_source_rows, open_sources
+    from model.data.sources import iter_source_rows, open_sources
     rows = []
     for src in open_sources(spec):
         if src.kind != "pairs":
@@ -320,7 +316,7 @@ def generate(sft_model_dir: str = "model_save/sft", input_file: str = "data/gene
     import torch  # torch and transformers load only for generation, not for `build`
     from transformers.utils import logging as hf_logging
 
-    from model.checkpoint import load_model_folder
+    from model.data.checkpoint import load_model_folder
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     hf_logging.disable_progress_bar()

@@ -16,19 +16,15 @@ The reference's text format: prompt ``请抽取出给定句子中的所有三元
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 import pandas as pd
 from rich.console import Console
 
-from model.sources import iter_records as iter_any_records
-from model.tokenizer import load_tokenizer
+from model.data.sources import iter_records as iter_any_records
+from model.tokenizer.build import load_tokenizer
 
 PROMPT_PREFIX = "请抽取出给定句子中的所有三元组。给定句子："
 Triple = tuple[str, str, str]
@@ -100,7 +96,7 @@ def _parse_line(line: str):
 
 def iter_records(path: str | Path):
     """Raw records with a location string: JSON lines, `||` lines, or one JSON array; also globs, folders,
-    .csv/.parquet files and ``datasets`` sources (``hf:NAME[:SPLIT][?...]``, see model/sources.py)."""
+    .csv/.parquet files and ``datasets`` sources (``hf:NAME[:SPLIT][?...]``, see model/data/sources.py)."""
     if str(path).startswith("hf:") or any(c in str(path) for c in "*?[,") or Path(path).is_dir() \
             or Path(path).suffix in (".csv", ".parquet"):
         yield from iter_any_records(str(path))

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import unicodedata
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pandas as pd
 import torch
@@ -27,7 +23,7 @@ from rich.progress import Progress
 
 from config import PAD_ID, PROJECT_ROOT
 from finetune_examples.info_extract.data_process import format_triples, make_prompt, read_ie_file
-from model.checkpoint import load_model_folder
+from model.data.checkpoint import load_model_folder
 
 Triple = tuple[str, str, str]
 _QUOTES = "'\"‘’“”「」『』`"

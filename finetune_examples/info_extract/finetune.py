@@ -2,7 +2,7 @@
 
 Steps: (1) a tokenizer: the ``--init_from`` model's, ``--tokenizer_dir``, or one trained here on the training
 texts (random init); (2) ``data_process.process``: DuIE/SKE files to prompt/response parquet (rows over the
-token limits are dropped and counted); (3) ``model.trainer.train`` (every TrainConfig field is a flag);
+token limits are dropped and counted); (3) ``model.training.trainer.train`` (every TrainConfig field is a flag);
 (4) ``evaluate.evaluate`` on the dev file: micro P/R/F1, predictions in ``<output_dir>/ie_predictions.jsonl``.
 
     # from a pretrained/SFT model (the reference's setting)
@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 from config import MODEL_PRESETS, SHARED_DATA, TrainConfig, config_help, run_cli
 from finetune_examples.info_extract.data_process import format_triples, make_prompt, process, read_ie_file
 from finetune_examples.info_extract.evaluate import evaluate
-from model.tokenizer import save_tokenizer, train_tokenizer
-from model.trainer import probe_seconds_per_step, train, train_config
+from model.tokenizer.build import save_tokenizer, train_tokenizer
+from model.training.trainer import probe_seconds_per_step, train, train_config
 
 DUIE = SHARED_DATA / "ie" / "duie"
 

@@ -1,5 +1,5 @@
 """Pretraining, SFT and the IE fine-tune: the sequence-to-sequence objective of the one training loop
-(:mod:`model.engine`), and the same stages through transformers' ``Seq2SeqTrainer`` for comparison.
+(:mod:`model.training.engine`), and the same stages through transformers' ``Seq2SeqTrainer`` for comparison.
 
 Entry point: ``train(cfg: TrainConfig) -> dict``. The loss is the summed target-token cross-entropy from
 ``TextToTextModel.target_loss``, weighted by target tokens over the whole accumulation window; evaluation
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from config import TRAIN_PRESETS, TrainConfig, make_config
-from model.checkpoint import check_model_folder, latest_checkpoint, publish_model  # noqa: F401 (re-exported)
-from model.engine import (Objective, build_optimizer, build_scheduler, param_checksum,  # noqa: F401
-                          param_counts, reset_accelerate, run, write_json)
+from model.data.checkpoint import check_model_folder, latest_checkpoint, publish_model  # noqa: F401 (re-exported)
+from model.training.engine import (Objective, build_optimizer, build_scheduler, param_checksum,  # noqa: F401
+                                   param_counts, reset_accelerate, run, write_json)
 
 FREEZE_MODES = ("none", "decoder_only")
 
@@ -40,7 +40,7 @@ def train_config(stage: Optional[str] = None, **overrides) -> TrainConfig:
 def load_tokenizer_and_model(cfg: TrainConfig):
     """SFT (or ``init_from``): the pretrained folder's model and tokenizer; otherwise a fresh preset model."""
     from model.chat_model import TextToTextModel
-    from model.tokenizer import load_tokenizer
+    from model.tokenizer.build import load_tokenizer
 
     if cfg.is_finetune and not cfg.init_from:
         raise ValueError("--is_finetune=True needs --init_from=<pretrained model folder> (e.g. model_save/pretrain)")
@@ -98,8 +98,8 @@ class Seq2SeqObjective(Objective):
     def setup(self, trainer) -> None:
         from accelerate.utils import set_seed
 
-        from model.dataset import TextToTextDataset, make_batches, open_sources
-        from model.sources import bad_row_report
+        from model.data.dataset import TextToTextDataset, make_batches, open_sources
+        from model.data.sources import bad_row_report
         cfg, acc = self.cfg, trainer.acc
         open_sources(cfg.train_file)  # a bad file fails here, before any model is built
         set_seed(cfg.seed)
@@ -170,8 +170,8 @@ class Seq2SeqObjective(Objective):
     def evaluate(self, trainer) -> dict:
         """Eval loss, perplexity and bpc over the validation set (token-weighted, all ranks), char BLEU on a
         sample."""
-        from model.dataset import collate_pairs
-        from model.metrics import perplexity
+        from model.data.dataset import collate_pairs
+        from model.training.metrics import perplexity
         from model.quality import bits_per_char
         if self.valid is None:
             return {}
@@ -201,8 +201,8 @@ class Seq2SeqObjective(Objective):
         """Char BLEU of greedy answers to the first ``bleu_samples`` validation prompts."""
         from accelerate.utils import gather_object
 
-        from model.dataset import collate_pairs
-        from model.metrics import char_bleu
+        from model.data.dataset import collate_pairs
+        from model.training.metrics import char_bleu
         acc, cfg, ds = trainer.acc, self.cfg, self.valid
         pairs = [ds.pair(k) for k in ds._keys0[: cfg.bleu_samples][trainer.rank::trainer.world]]
         hyps, refs = [], []
@@ -229,7 +229,7 @@ class Seq2SeqObjective(Objective):
         if not result["interrupted"] and trainer.is_main:
             write_json(trainer.out / "train_result.json", result)
             try:
-                from model.plots import plot_curves
+                from model.training.plots import plot_curves
                 plot_curves(trainer.out / "metrics.jsonl", trainer.out / "loss_curve.png",
                             keys=["loss", "eval_loss", "eval_bpc", "lr", "bleu"])
             except Exception as e:  # a plot must never fail a finished run
@@ -285,7 +285,7 @@ def char_baselines(train_file: str, targets: list[str], out: Path) -> dict:
     does not count again.
     """
     import hashlib
-    from model.sources import iter_source_rows, open_sources, source_signature
+    from model.data.sources import iter_source_rows, open_sources, source_signature
     from model.quality import CharNgramBaselines
     sources = [s for s in open_sources(train_file) if s.weight > 0]
     signature = json.dumps([source_signature(s) for s in sources])
@@ -326,7 +326,7 @@ def hf_train(cfg: TrainConfig, reference_settings: bool = False, group_by_length
     schedule, random sampling (no length grouping) unless ``group_by_length`` says otherwise.
     """
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
-    from model.dataset import Seq2SeqCollator, StreamingTextToText, TextToTextDataset
+    from model.data.dataset import Seq2SeqCollator, StreamingTextToText, TextToTextDataset
 
     if cfg.num_threads and cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)

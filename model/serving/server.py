@@ -2,7 +2,7 @@
 ``/v1/completions``, ``/health``, Prometheus ``/metrics`` and the web chat page at ``/``.
 
 Safe under load:
-* greedy and sampling requests decode in one shared batch (``model/batching.py``: a request that arrives while
+* greedy and sampling requests decode in one shared batch (``model/serving/batching.py``: a request that arrives while
   others decode joins at the next step; a finished one leaves), at most ``max_concurrency`` requests at once;
   beam and contrastive search (and the ct2 engine) run in ``max_concurrency`` worker threads; never on the event
   loop. At most ``max_queue`` more requests wait; beyond that the answer is 503 with ``Retry-After``;
@@ -41,9 +41,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from config import EOS_ID, InferConfig
-from model.batching import BATCH_SEARCH_TYPES, BatchDecoder
-from model.infer import (ChatBot, GenerationCancelled, GenerationResult, PromptTooLong, TokenStreamer,
-                         torch_thread_init)
+from model.serving.batching import BATCH_SEARCH_TYPES, BatchDecoder
+from model.serving.infer import (ChatBot, GenerationCancelled, GenerationResult, PromptTooLong, TokenStreamer,
+                                 torch_thread_init)
 
 API_KEY_ENV = "CHATLM_API_KEY"
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"  # the web chat page served at /
@@ -805,7 +805,7 @@ def sample_exchange(model_dir: str, prompt: str = "你好", max_new_tokens: int 
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m model.server --model_dir=model_save/demo: one sample exchange
+if __name__ == "__main__":  # python -m model.serving.server --model_dir=model_save/demo: one sample exchange
     import fire
     fire.Fire(lambda model_dir="model_save/demo", prompt="你好", max_new_tokens=64: print(
         sample_exchange(model_dir, prompt=prompt, max_new_tokens=max_new_tokens)))

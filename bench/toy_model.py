@@ -1,4 +1,4 @@
-"""Helpers shared by the tests and the benchmarks (never used by the kit itself)."""
+"""fit_toy_model: a tiny model trained in seconds, shared by the benchmarks and the tests (never used by the kit)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +8,8 @@ import torch
 
 from config import PAD_ID
 from model.chat_model import TextToTextModel
-from model.checkpoint import save_model_folder
-from model.tokenizer import train_tokenizer
+from model.data.checkpoint import save_model_folder
+from model.tokenizer.build import train_tokenizer
 
 
 def fit_toy_model(out_dir: str | Path, pairs: Sequence[tuple[str, str]], tokenizer=None, preset: str = "tiny",

@@ -27,9 +27,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from config import EOS_ID, GENERATION_DEFAULTS, PAD_ID, InferConfig, make_config
 from model.chat_model import SEARCH_TYPES
-from model.checkpoint import check_model_folder, load_model_folder, pick_device
+from model.data.checkpoint import check_model_folder, load_model_folder, pick_device
 from model.prompt import render_chat, turn_line
-from model.tokenizer import load_tokenizer
+from model.tokenizer.build import load_tokenizer
 
 ENGINES = ("torch", "ct2")
 # Settings a caller may change per request; everything else is fixed by the server's config.

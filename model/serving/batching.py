@@ -37,7 +37,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
 from transformers.modeling_outputs import BaseModelOutput
 
 from config import EOS_ID, PAD_ID
-from model.infer import GenerationCancelled, GenerationResult, TokenStreamer
+from model.serving.infer import GenerationCancelled, GenerationResult, TokenStreamer
 
 BATCH_SEARCH_TYPES = ("greedy", "sampling")
 

@@ -249,7 +249,7 @@ def _isolated_by(pre) -> set[str]:
 
 @functools.lru_cache(maxsize=8)
 def char_piece_pattern(chunk_chars: int) -> "re.Pattern":
-    """One regex doing what the char-level pre-tokeniser does (model/tokenizer.py: Metaspace, then each
+    """One regex doing what the char-level pre-tokeniser does (model/tokenizer/build.py: Metaspace, then each
     digit and each punctuation character isolated), plus the chunking, over texts joined by ``FEED_SEP``.
 
     The punctuation and digit sets are read from HF's own pre-tokenisers. It runs about 3x faster than calling the HF pre-tokeniser text by text; tests check

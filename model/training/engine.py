@@ -3,8 +3,8 @@ loop does the rest the same way for every stage: accumulation, clipping, precisi
 (JSON lines, TensorBoard, a rich bar), evaluation, best-model export, checkpoints with exact resume, and
 SIGINT/SIGTERM that save before stopping.
 
-Objectives: ``model.trainer.Seq2SeqObjective`` (pretraining, SFT, the IE fine-tune) and
-``model.dpo.DPOObjective`` (preference optimisation, full or LoRA).
+Objectives: ``model.training.trainer.Seq2SeqObjective`` (pretraining, SFT, the IE fine-tune) and
+``model.training.dpo.DPOObjective`` (preference optimisation, full or LoRA).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from config import asdict
 from model.chat_model import optimizer_groups
-from model.checkpoint import latest_checkpoint, load_run_state, publish_model, save_run_state
+from model.data.checkpoint import latest_checkpoint, load_run_state, publish_model, save_run_state
 from model.logging_utils import MetricsLogger
 from model.progress import progress_bar
 

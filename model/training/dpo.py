@@ -1,5 +1,5 @@
 """Direct Preference Optimisation for the encoder-decoder chat model: the DPO objective of the one training
-loop (:mod:`model.engine`), which brings checkpoints with exact resume, signals, logging and trackers.
+loop (:mod:`model.training.engine`), which brings checkpoints with exact resume, signals, logging and trackers.
 
 trl dropped encoder-decoder support from its ``DPOTrainer`` (0.29), so the objective lives here, written for T5:
 the prompt is encoded once per pair and the chosen and rejected responses are scored by the decoder in one
@@ -29,12 +29,12 @@ from torch import nn
 
 from config import DPOConfig, asdict
 from model.chat_model import TextToTextModel
-from model.checkpoint import check_model_folder, save_model_folder
-from model.engine import Objective, param_counts, run, write_json
+from model.data.checkpoint import check_model_folder, save_model_folder
+from model.training.engine import Objective, param_counts, run, write_json
 from model.progress import track
-from model.preference_data import (PairBatches, PreferenceDataset, collate_pairs, epoch_batches,  # noqa: F401
-                                   read_preference_file)
-from model.tokenizer import load_tokenizer
+from model.data.preference_data import (PairBatches, PreferenceDataset, collate_pairs, epoch_batches,  # noqa: F401
+                                        read_preference_file)
+from model.tokenizer.build import load_tokenizer
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -345,7 +345,7 @@ class DPOObjective(Objective):
             return result
         write_json(trainer.out / "dpo_config.json", asdict(self.cfg))
         try:
-            from model.plots import plot_curves
+            from model.training.plots import plot_curves
             plot_curves(trainer.out / "metrics.jsonl", trainer.out / "dpo_curves.png", title="DPO",
                         keys=["loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
                               "eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"])

@@ -15,7 +15,7 @@ Two kinds, as in the reference project:
 
 Training never holds the corpus or its distinct clauses in memory: texts are pre-tokenised and counted (in
 worker processes for files, with long pieces cut into chunks and the count table capped, see
-``model/tokenizer_counting.py``), and the vocabulary is trained from the counts.
+``model/tokenizer/counting.py``), and the vocabulary is trained from the counts.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from config import DEFAULT_NUM_SENTINELS, EOS_ID, SPECIAL_TOKENS, UNK_ID, sentinel_token
 from model.prompt import CHAT_TEMPLATE
-from model.tokenizer_counting import (PieceCounts, PieceSplitter, char_frequencies, count_files, count_texts,
+from model.tokenizer.counting import (PieceCounts, PieceSplitter, char_frequencies, count_files, count_texts,
                                       feed_batches, write_tsv)
 
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]

@@ -1,4 +1,4 @@
-"""One dataset for every trainer: any data source in (model/sources.py: parquet, .txt, .jsonl, .json, .csv,
+"""One dataset for every trainer: any data source in (model/data/sources.py: parquet, .txt, .jsonl, .json, .csv,
 globs, folders, ``datasets`` sources), padded text-to-text batches out, resumable exactly.
 
 Why it is built this way:
@@ -39,9 +39,9 @@ TOKENIZE_CHUNK = 256  # rows tokenised together in streaming mode
 
 
 # ------------------------------------------------------------------------------------------- sources
-# Files, globs, folders and datasets sources, mapped to prompt/response or text rows: model/sources.py.
-from model.sources import (SourceInfo, bad_row_report, inspect_source, iter_source_rows,  # noqa: E402,F401
-                           open_sources, parse_file_spec)
+# Files, globs, folders and datasets sources, mapped to prompt/response or text rows: model/data/sources.py.
+from model.data.sources import (SourceInfo, bad_row_report, inspect_source, iter_source_rows,  # noqa: E402,F401
+                                open_sources, parse_file_spec)
 
 
 # -------------------------------------------------------------------------------------------- encoding

@@ -42,7 +42,7 @@ def _write_model(model, tokenizer, folder: Path) -> None:
         from model.prompt import CHAT_TEMPLATE
         tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(folder), save_jinja_files=False)  # chat_template in tokenizer_config.json
-    from model.tokenizer import save_sentencepiece_model
+    from model.tokenizer.build import save_sentencepiece_model
     save_sentencepiece_model(tokenizer, folder)
     if not is_adapter(model):
         missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
@@ -175,7 +175,7 @@ def pick_device(device: str = "auto") -> torch.device:
 def load_model_folder(path: str | Path, device: str = "auto", dtype: Optional[torch.dtype] = None):
     """Load (model, tokenizer) from a model folder: fp32 on CPU, bf16 (or fp16) on GPU unless told."""
     from model.chat_model import TextToTextModel
-    from model.tokenizer import load_tokenizer
+    from model.tokenizer.build import load_tokenizer
 
     p = check_model_folder(path)
     dev = pick_device(device)
