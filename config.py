@@ -106,7 +106,9 @@ class TrainConfig:
     length_group_batches: int = 64  # batches sorted together when grouping by length
     pad_to_multiple_of: int = 0  # 8 helps tensor cores on GPU; 0 pads to the batch's longest
     packing: bool = False  # several examples per row (block-diagonal attention): a batch is batch_size full rows
-    text_mode: str = "prefix"  # how `text` rows become pairs: prefix | span | denoise | mix (prefix+span) | a+b
+    text_mode: str = "prefix"  # how `text` rows become pairs: prefix | span | denoise | copy | mix (prefix+span); several at a share: prefix:2+copy:1
+    copy_max_len: int = 64  # copy rows: tokens per copied window, [EOS] included
+    copy_eval_samples: int = 0  # > 0: each eval also copies this many held-out targets (copy loss, exact copy rate)
     noise_density: float = 0.15  # span corruption and denoising: share of tokens masked
     mean_noise_span_length: float = 3.0  # span corruption and denoising: mean masked span
     save_steps: int = 1000  # checkpoint every N updates (0: off)
@@ -428,6 +430,9 @@ class PipelineConfig:
     tokenizer: dict = field(default_factory=lambda: dict(vocab_size=1024, token_type="char"))  # train_tokenizer.py flags
     pretrain_stage: str = "demo_pretrain"  # TRAIN_PRESETS entry of the pretraining stage
     pretrain: dict = field(default_factory=dict)  # train.py flags of the pretraining stage
+    # non-empty: a copy warm-up stage before pretraining (train.py flags over the pretraining shape; text rows
+    # written out again, --text_mode=copy), from which pretraining continues (docs/recipe.md "Copying")
+    copy_warmup: dict = field(default_factory=dict)
     sft_stage: str = "demo_sft"  # TRAIN_PRESETS entry of the SFT stage
     # measured on the earlier demo data: SFT from random init answered 2 of 3 held-out questions with two seeds, SFT
     # from the 1-minute demo pretraining 0-1 of 3; the larger profiles start SFT from their pretrained model
@@ -457,6 +462,8 @@ class PipelineConfig:
     # the data stage's valid split, so the sample chats are judged on prompts the choice never saw
     decoding_prompts: int = 0
     heldout: str = "data/demo/heldout.json"
+    passage_file: str = ""  # SQuAD-style file held out of training: questions answered from a given passage
+    passage_questions: int = 0  # how many of its questions the chat stage asks (0: none)
     publish_dir: str = ""  # the report stage also copies report.md + plots here (e.g. docs/report_cpu)
     sample_prompts: tuple = ("你好", "中国的首都是哪里？", "怎样保持健康？", "12加7等于多少？", "把数字25写成中文。",
                              "请介绍一下长城。", "写一句关于春天的诗。", "失眠怎么办？")
@@ -478,21 +485,27 @@ PIPELINE_PROFILES: dict[str, dict[str, Any]] = {
         profile="cpu", root="model_save/cpu", demo_data=False, data_config="data/sources/shared_all.yaml",
         tokenizer=dict(vocab_size=8192, token_type="char"),
         pretrain_stage="pretrain", sft_stage="sft", sft_from_pretrain=True, use_dpo_model=True,
-        pretrain=dict(preset="small", model_overrides=CPU_MODEL, dropout_rate=0.0, max_steps=7700,
+        # copying first (docs/recipe.md "Copying"): mixed into pretraining alone (prefix:1+copy:1, 4,000 updates)
+        # it never crossed; on its own it crosses after about 2,000 updates at a steady 2e-3
+        copy_warmup=dict(max_steps=3000, batch_size_per_gpu=16, learning_rate=2e-3, lr_scheduler="constant",
+                         warmup_steps=200, max_source_len=128, max_target_len=128, copy_max_len=64, save_steps=1000,
+                         eval_steps=250, max_eval_samples=512, copy_eval_samples=128, bleu_samples=0),
+        pretrain=dict(preset="small", model_overrides=CPU_MODEL, dropout_rate=0.0, max_steps=6000,
                       batch_size_per_gpu=16, learning_rate=3e-3, warmup_steps=0.02, max_source_len=128,
-                      max_target_len=128, num_threads=2, save_steps=1000, eval_steps=750, max_eval_samples=512,
-                      bleu_samples=0),
+                      max_target_len=128, num_threads=2, save_steps=1000, eval_steps=500, max_eval_samples=512,
+                      bleu_samples=0, text_mode="prefix:2+copy:1", copy_eval_samples=128),
         sft=dict(max_steps=3500, batch_size_per_gpu=16, learning_rate=1e-3, warmup_steps=0.02, dropout_rate=0.0,
                  max_source_len=128, max_target_len=128, num_threads=2, save_steps=1000, eval_steps=700,
-                 max_eval_samples=512, bleu_samples=16),
+                 max_eval_samples=512, bleu_samples=16, copy_eval_samples=128),
         dpo=dict(epochs=1, learning_rate=1e-4, beta=0.1, batch_size_per_gpu=8, max_source_len=128,
                  max_target_len=128, num_threads=2, save_steps=0, eval_steps=25),
         dpo_valid_ratio=0.1, heldout="", publish_dir="docs/report_cpu", decoding_prompts=64,
+        passage_file=str(SHARED_DATA / "pretrain" / "cmrc2018-wiki" / "cmrc2018_dev.json"), passage_questions=32,
         ceval_dir=str(SHARED_DATA / "eval" / "ceval-exam"),
         ie_train=DUIE_TRAIN,
         ie_dev=str(SHARED_DATA / "ie" / "duie" / "duie_dev.json"),
-        ie=dict(time_budget_min=6, eval_limit=300, max_source_len=160, max_target_len=96, max_new_tokens=96,
-                learning_rate=2e-3, num_threads=2, progress=False),
+        ie=dict(time_budget_min=10, eval_limit=300, max_source_len=160, max_target_len=96, max_new_tokens=96,
+                learning_rate=1e-3, warmup_steps=100, curve_points=4, num_threads=2, progress=False),
     ),
     "gpu": dict(
         profile="gpu", root="model_save/gpu", demo_data=False, python="accelerate launch --config_file accelerate.yaml",

@@ -180,6 +180,10 @@ def trainer_figures(out_dir: Path) -> dict:
            "eval_loss": evals[-1]["eval_loss"] if evals else None,
            "eval_bpc": next((r["eval_bpc"] for r in reversed(evals) if "eval_bpc" in r), None)}
     out.update({k: base[k] for k in ("baseline_unigram_bpc", "baseline_bigram_bpc") if k in base})
+    copies = [r for r in evals if "eval_copy_loss" in r]
+    if copies:  # the held-out copy figures; the onset is the first evaluation whose copy loss is below 1 nat
+        out.update(eval_copy_loss=copies[-1]["eval_copy_loss"], eval_copy_rate=copies[-1]["eval_copy_rate"],
+                   copy_onset_eval_step=next((r["step"] for r in copies if r["eval_copy_loss"] < 1.0), None))
     return {**out, "files": {"metrics": "metrics.jsonl"}}
 
 
@@ -203,7 +207,8 @@ def ie_figures(root: Path, runs: dict[str, str]) -> dict:
         s = _read_json(root / folder / "ie_scores.json")
         if isinstance(s.get("dev"), dict):
             out[label] = {"dev": s["dev"], "steps": (s.get("train") or {}).get("steps"),
-                          "train_minutes": s.get("train_minutes")}
+                          "train_minutes": s.get("train_minutes"), "eval_minutes": s.get("eval_minutes"),
+                          "f1_curve": s.get("f1_curve") or []}
     return {"runs": out}
 
 
@@ -265,6 +270,19 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
     seed = {} if cfg.seed is None else {"seed": cfg.seed}
     pre_flags = dict(dict(train_file=train_files, valid_file=data_dir / "my_valid_dataset.parquet"),
                      **cfg.pretrain, **seed)
+    if cfg.copy_warmup:  # the copy skill first, on the text rows alone; pretraining continues from it
+        warm_dir = root / "copy_warmup"
+        shape = {k: cfg.pretrain[k] for k in ("preset", "model_overrides", "dropout_rate", "num_threads")
+                 if k in cfg.pretrain}
+        warm_flags = {**shape, "train_file": data_dir / "my_text_dataset.parquet",
+                      "valid_file": data_dir / "my_valid_dataset.parquet", "text_mode": "copy", **cfg.copy_warmup,
+                      **seed}
+        stages.append(Stage(
+            "copy_warmup", [_launcher(cfg) + ["train.py", f"--stage={cfg.pretrain_stage}", f"--tokenizer_dir={tok_dir}",
+                                              f"--output_dir={warm_dir}"] + _flags(warm_flags)],
+            [str(warm_dir / "model.safetensors")], "copy warm-up", resume_args=["--is_keep_training=True"],
+            after=lambda: trainer_figures(warm_dir), out_dir=str(warm_dir)))
+        pre_flags["init_from"] = warm_dir
     stages.append(Stage(
         "pretrain", [_launcher(cfg) + ["train.py", f"--stage={cfg.pretrain_stage}",
                                        f"--tokenizer_dir={tok_dir}", f"--output_dir={pre_dir}"] + _flags(pre_flags)],
@@ -367,6 +385,8 @@ def sample_chats(cfg: PipelineConfig) -> dict:
                           f"{'correct' if ok else 'wrong'} (expected: {h['expect']})[/]")
         n_ok = sum(r["correct"] for r in result["heldout"])
         console.print(f"[bold]{n_ok} of {len(held)} held-out questions answered correctly[/]")
+    if cfg.passage_file and cfg.passage_questions > 0:
+        result["passage"] = passage_chats(bot, cfg)
     console.rule("sample chats")
     answers = bot.chat(list(cfg.sample_prompts))
     all_ids = []
@@ -391,6 +411,21 @@ def sample_chats(cfg: PipelineConfig) -> dict:
     except ImportError as exc:  # the API module is optional for the report
         result["api_exchange"] = f"unavailable: {exc}"
     return result
+
+
+def passage_chats(bot, cfg: PipelineConfig) -> dict:
+    """Questions whose answer is a span of the passage in the prompt: how many answers contain a gold span."""
+    from eval.passage_qa import contains_gold, passage_questions
+    qs = passage_questions(cfg.passage_file, cfg.passage_questions)
+    answers = bot.chat([q["prompt"] for q in qs])
+    console.rule("questions about a given passage")
+    for q, a in zip(qs, answers):
+        q["answer"] = a if isinstance(a, str) else getattr(a, "text", str(a))
+        q["contains_gold"] = contains_gold(q["answer"], q["answers"])
+        console.print(f"Q: {q['prompt']}\nA: {q['answer']}   (gold: {' / '.join(q['answers'])})", markup=False)
+    n_ok = sum(q["contains_gold"] for q in qs)
+    console.print(f"[bold]{n_ok} of {len(qs)} passage answers contain a gold span[/]")
+    return {"n": len(qs), "contains_gold": n_ok, "questions": qs}
 
 
 def report_card(cfg: PipelineConfig) -> dict:

@@ -9,6 +9,7 @@ timing probe of that configuration, so a cosine schedule ends where the budget d
     python bench/bench_recipe.py                 # every configuration, 90 s each (~40 min on 2 cores)
     python bench/bench_recipe.py --quick         # three configurations, 30 s each
     python bench/bench_recipe.py --only=mini,lr_1e-2 --budget_s=300
+    python bench/bench_recipe.py --only=mixes --budget_s=420    # the copy mixes of the `cpu` model
 
 Writes ``<out>/results.jsonl`` (one line per run), ``<out>/recipe.png`` (held-out bpc against training time) and
 prints the table; the last line is one JSON object {"bench": "recipe", "ratio": bigram bpc / best bpc, "bpc":
@@ -54,19 +55,29 @@ CONFIGS: dict[str, dict] = {
     "no_length_grouping": dict(BASE, group_by_length=False),
     "vocab_4096": dict(BASE, tokenizer="4096"),
 }
+# The `cpu` profile's model with objective mixes that practise copying (docs/recipe.md "Copying"): text rows
+# split into prefix -> continuation, denoising (whole-window targets) and plain copies at the stated shares.
+CPU = dict(BASE, model_overrides=dict(TINY, num_heads=8, d_kv=16), copy_eval_samples=64)
+MIXES: dict[str, dict] = {
+    "cpu_prefix": dict(CPU),
+    "cpu_prefix_copy": dict(CPU, text_mode="prefix:1+copy:1"),
+    "cpu_prefix_denoise_copy": dict(CPU, text_mode="prefix:2+denoise:1+copy:1"),
+    "cpu_prefix_denoise": dict(CPU, text_mode="prefix+denoise"),
+}
+CONFIGS.update(MIXES)
 QUICK = ("mini", "lr_1e-2", "objective_span")
 EVAL_LEN = 128
 
 
-def _prepare(out: Path) -> tuple[Path, dict]:
-    """The data stage and the tokenizers (8,192 and 4,096 ids), once; later runs reuse them."""
+def _prepare(out: Path, vocabs=("8192", "4096")) -> tuple[Path, dict]:
+    """The data stage and the tokenizers the runs use (8,192 and 4,096 ids), once; later runs reuse them."""
     py = sys.executable
     data = out / "data"
     if not (data / "my_train_dataset.parquet").is_file():
         subprocess.run([py, "-m", "utils.raw_data_process", "--config=data/sources/shared_all.yaml",
                         f"--output_dir={data}", "--quiet=True"], cwd=ROOT, check=True)
     toks = {}
-    for v in ("8192", "4096"):
+    for v in vocabs:
         d = out / f"tokenizer_{v}"
         if not (d / "tokenizer.json").is_file():
             subprocess.run([py, "train_tokenizer.py", f"--inputs={data / 'my_corpus.txt'}", f"--output_dir={d}",
@@ -150,25 +161,34 @@ def main(quick: bool = False, budget_s: float = 0, only: str | tuple = "", out: 
     max_eval = max_eval_samples or (128 if quick else 512)
     names = [n for n in (only.split(",") if isinstance(only, str) else only) if n] or \
         (list(QUICK) if quick else list(CONFIGS))
+    names = [m for n in names for m in (MIXES if n == "mixes" else [n])]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
     out_p = (ROOT / out) if not Path(out).is_absolute() else Path(out)
     from model.training.trainer import probe_seconds_per_step, train
-    data, toks = _prepare(out_p)
+    data, toks = _prepare(out_p, sorted({CONFIGS[n].get("tokenizer", "8192") for n in names}))
     results = []
     for name in names:
         cfg = _config(name, CONFIGS[name], data, toks, out_p, probe_steps, 0, 0, threads)
         s_per_step = probe_seconds_per_step(cfg, steps=probe_steps)
         steps = max(4, int(budget_s / s_per_step))
         t = time.perf_counter()
-        r = train(_config(name, CONFIGS[name], data, toks, out_p, steps, max(1, steps // 4), max_eval, threads))
+        evals = 8 if "copy_eval_samples" in CONFIGS[name] else 4  # the copy onset needs a finer grid
+        r = train(_config(name, CONFIGS[name], data, toks, out_p, steps, max(1, steps // evals), max_eval, threads))
         row = {"run": name, "bpc": round(r["eval_bpc"], 4), "eval_loss": round(r["eval_loss"], 4),
                "params": r["params"], "steps": steps, "train_tokens": r["train_tokens"],
                "s_per_step": round(s_per_step, 4), "pad_share": r["pad_share"],
                "tokens_per_s": round(r["train_tokens"] / (steps * s_per_step)),  # evaluation time left out
                "wall_s": round(time.perf_counter() - t, 1), "baseline_unigram_bpc": r["baseline_unigram_bpc"],
                "baseline_bigram_bpc": r["baseline_bigram_bpc"]}
+        if "eval_copy_loss" in r:
+            from model.logging_utils import read_jsonl
+            evals = [x for x in read_jsonl(out_p / name / "metrics.jsonl") if "eval_copy_loss" in x]
+            row.update(copy_loss=round(r["eval_copy_loss"], 4), copy_rate=round(r["eval_copy_rate"], 4),
+                       copy_onset_eval_step=next((x["step"] for x in evals if x["eval_copy_loss"] < 1.0), None),
+                       copy_curve=[[x["step"], round(x["eval_copy_loss"], 3), round(x["eval_copy_rate"], 3)]
+                                   for x in evals])
         results.append(row)
         print(json.dumps(row), flush=True)
     (out_p / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results), encoding="utf-8")
@@ -182,6 +202,8 @@ def main(quick: bool = False, budget_s: float = 0, only: str | tuple = "", out: 
     print(f"char unigram {b['baseline_unigram_bpc']:.3f} bpc, char bigram (KN) {b['baseline_bigram_bpc']:.3f} bpc")
     summary = {"bench": "recipe", "ratio": round(b["baseline_bigram_bpc"] / best["bpc"], 4), "best": best["run"],
                "bpc": {r["run"]: r["bpc"] for r in results}, "budget_s": budget_s, "threads": threads,
+               "copy_rate": {r["run"]: r["copy_rate"] for r in results if "copy_rate" in r},
+               "copy_onset_eval_step": {r["run"]: r["copy_onset_eval_step"] for r in results if "copy_rate" in r},
                "baseline_unigram_bpc": round(b["baseline_unigram_bpc"], 4),
                "baseline_bigram_bpc": round(b["baseline_bigram_bpc"], 4), "data": str(SHARED_DATA)}
     print(json.dumps(summary))

@@ -124,7 +124,7 @@ def tokenizer_section(summaries: dict) -> str:
 
 def curves_section(summaries: dict, plots: Path) -> str:
     parts = ["## Training curves\n"]
-    for stage in ("pretrain", "sft", "dpo"):
+    for stage in ("copy_warmup", "pretrain", "sft", "dpo")[0 if "copy_warmup" in summaries else 1:]:
         m = _metrics_file(summaries, stage)
         if m is None:
             parts.append(f"- {stage}: not run")
@@ -142,6 +142,18 @@ def curves_section(summaries: dict, plots: Path) -> str:
         if png:
             parts.append(f"\n![{stage}](plots/{png.name})\n")
     return "\n".join(parts) + "\n"
+
+
+def _save_axes(fig, axes, png: Path, xlabel: str = "step") -> None:
+    """Grid, legend and x label on each axis, then the figure to ``png``."""
+    import matplotlib.pyplot as plt
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
 
 
 def quality_section(summaries: dict, plots: Path) -> str:
@@ -174,12 +186,7 @@ def quality_section(summaries: dict, plots: Path) -> str:
             if isinstance(base.get(k), float):
                 ax.axhline(base[k], color="black", ls=style, label=k.replace("baseline_", "char ").replace("_bpc", ""))
         ax.set_title(f"{stage}: held-out bpc")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(plots / "bpc.png", dpi=90)
-    plt.close(fig)
+    _save_axes(fig, axes.flat, plots / "bpc.png")
     return ("## Model quality (held-out bits per character)\n\n"
             "Bits per character of the valid split's responses (never trained on), against a character unigram "
             "(add-one) and an interpolated Kneser-Ney character bigram estimated on the same training text "
@@ -228,17 +235,70 @@ def ceval_section(summaries: dict, plots: Path) -> str:
             + _table(["category", "subjects", "questions", "accuracy"], rows) + "\n" + plot)
 
 
-def ie_section(summaries: dict) -> str:
+def ie_section(summaries: dict, plots: Path) -> str:
     runs = _figures(summaries, "ie").get("runs") or {}
     if not runs:
         return "## Triple extraction\n\nnot run\n"
     keys = ("precision", "recall", "f1", "tp", "n_pred", "n_gold", "sentences", "unparsed")
     rows = [[k] + [_fmt(r["dev"].get(k)) for r in runs.values()] for k in keys]
     rows.append(["training steps"] + [_fmt(r.get("steps")) for r in runs.values()])
-    rows.append(["wall minutes (data, probe, training)"] + [_fmt(r.get("train_minutes"), 1) for r in runs.values()])
+    rows.append(["wall minutes (data, probe, training, F1 curve)"]
+                + [_fmt(r.get("train_minutes"), 1) for r in runs.values()])
+    curves = {label: r["f1_curve"] for label, r in runs.items() if r.get("f1_curve")}
+    plot = ""
+    if curves:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for label, pts in curves.items():
+            ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_ylabel("dev F1")
+        ax.set_title("triple extraction: dev F1 during fine-tuning")
+        _save_axes(fig, [ax], plots / "ie_f1.png", xlabel="update")
+        steps = sorted({s for pts in curves.values() for s, _ in pts})
+        table = _table(["update"] + list(curves), [[s] + [_fmt(dict(pts).get(s)) for pts in curves.values()]
+                                                   for s in steps])
+        plot = "\nF1 on the same dev sentences during training:\n\n" + table + "\n\n![ie f1](plots/ie_f1.png)\n"
     return ("## Triple extraction\n\nMicro P/R/F1 on DuIE dev sentences never trained on; both runs have the "
-            "same wall-clock budget, so the gap is what pretraining is worth.\n\n"
-            + _table(["metric"] + list(runs), rows) + "\n")
+            "same training budget, so the gap is what pretraining is worth.\n\n"
+            + _table(["metric"] + list(runs), rows) + "\n" + plot)
+
+
+def copy_section(summaries: dict, plots: Path) -> str:
+    """The held-out copy figures at every evaluation: when the model acquired copying."""
+    curves = {}
+    for stage in ("copy_warmup", "pretrain", "sft"):
+        m = _metrics_file(summaries, stage)
+        if m is not None:
+            pts = [(r["step"], r["eval_copy_loss"], r["eval_copy_rate"]) for r in read_jsonl(m)
+                   if "eval_copy_loss" in r]
+            if pts:
+                curves[stage] = pts
+    if not curves:
+        return ""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for stage, pts in curves.items():
+        steps = [p[0] for p in pts]
+        a.plot(steps, [p[1] for p in pts], marker=".", label=stage)
+        b.plot(steps, [p[2] for p in pts], marker=".", label=stage)
+    a.axhline(1.0, color="black", ls=":", label="onset (1 nat)")
+    a.set_title("held-out copy loss (nats/token)")
+    b.set_title("held-out exact copy rate")
+    _save_axes(fig, (a, b), plots / "copy.png")
+    parts = ["## Copying (held-out)\n\nAt every evaluation the model writes out again the first held-out "
+             "targets of the valid split (cut to the copy length): copy loss in nats per token, and the share "
+             "reproduced exactly by greedy decoding. The onset is the first evaluation whose copy loss is below "
+             "1 nat.\n"]
+    for stage, pts in curves.items():
+        onset = next((s for s, loss, _ in pts if loss < 1.0), None)
+        parts.append(f"- {stage}: onset at step {_fmt(onset)}; final copy loss {_fmt(pts[-1][1])}, exact copy "
+                     f"rate {_fmt(pts[-1][2])}\n\n"
+                     + _table(["step", "copy loss", "copy rate"], [[s, _fmt(l), _fmt(r)] for s, l, r in pts]))
+    return "\n\n".join(parts) + "\n\n![copy](plots/copy.png)\n"
 
 
 def chat_section(summaries: dict) -> str:
@@ -259,6 +319,14 @@ def chat_section(summaries: dict) -> str:
         parts.append(f"\nDegenerate answers (one token over 30% of the answer's tokens): {res['degenerate']} of "
                      f"{len(res['samples'])}; distinct-2 over the answers: {_fmt(res['distinct_2'])}. Decoding: "
                      f"the model folder's generation_config.json ({res.get('generation', '')}).")
+    passage = res.get("passage")
+    if passage:
+        parts.append(f"\nQuestions about a given passage (cmrc2018 dev, held out of every training file; the answer "
+                     f"is a span of the passage): {passage['contains_gold']} of {passage['n']} answers contain a "
+                     f"gold span.\n")
+        parts.append(_table(["question (end of prompt)", "answer", "gold", "contains gold"],
+                            [[q["prompt"].split("问题：")[-1], q["answer"].replace("\n", " "), " / ".join(q["answers"]),
+                              q["contains_gold"]] for q in passage["questions"][:8]]))
     grid = (_figures(summaries, "final").get("decoding") or {}).get("grid")
     if grid:
         d = _figures(summaries, "final")["decoding"]
@@ -309,8 +377,9 @@ def write_report_card(cfg) -> Path:
     plots.mkdir(parents=True, exist_ok=True)
     summaries = gather(root)
     sections = [f"# Report card: profile `{cfg.profile}`\n", data_section(summaries, plots),
-                tokenizer_section(summaries), quality_section(summaries, plots), curves_section(summaries, plots),
-                dpo_section(summaries), ceval_section(summaries, plots), ie_section(summaries),
+                tokenizer_section(summaries), quality_section(summaries, plots), copy_section(summaries, plots),
+                curves_section(summaries, plots),
+                dpo_section(summaries), ceval_section(summaries, plots), ie_section(summaries, plots),
                 chat_section(summaries), stages_section(summaries), versions_section(cfg)]
     out = root / "report.md"
     out.write_text("\n".join(sections), encoding="utf-8")

@@ -377,3 +377,40 @@ def test_exact_resume_for_the_new_formats(tmp_path, tiny_tokenizer, fmt, streami
                                length_group_batches=2)
 
     _assert_exact_resume(make, (2, make().batches_per_epoch + 1))
+
+
+def test_copy_rows_write_a_window_out_again(tiny_tokenizer):
+    enc = Encoder(tiny_tokenizer, 128, 128, text_mode="copy", seed=2, copy_max_len=16)
+    (item,) = enc.encode_rows("text", [(PROSE[0] * 3,)])
+    doc = item[1].tolist()
+    for epoch in range(6):
+        src, tgt = enc.to_pair(item, epoch, (0, epoch, 0))
+        assert src.tolist() == tgt.tolist() and tgt[-1] == EOS_ID and len(tgt) == 16
+        w = tgt[:-1].tolist()
+        assert any(doc[i: i + len(w)] == w for i in range(len(doc) - len(w) + 1))  # a contiguous window
+    (short,) = enc.encode_rows("text", [("你好。",)])
+    assert enc.to_pair(short, 0, (0, 0, 0))[1].tolist() == short[1].tolist() + [EOS_ID]
+    with pytest.raises(ValueError, match="copy_max_len"):
+        Encoder(tiny_tokenizer, 32, 32, text_mode="copy", copy_max_len=1)
+
+
+def test_a_weighted_mix_draws_each_mode_at_its_share(tiny_tokenizer):
+    enc = Encoder(tiny_tokenizer, 128, 128, text_mode="prefix:3+copy:1+denoise:4", seed=5)
+    assert enc.modes == ("prefix", "copy", "denoise") and enc.shares == (3 / 8, 1 / 8, 4 / 8)
+    n = 8000
+    draws = [enc.draw_mode(enc.rng(e, (0, k, 0))) for e in range(4) for k in range(n // 4)]
+    for mode, share in zip(enc.modes, enc.shares):
+        # each draw is a Bernoulli(share) trial: the count's standard deviation is sqrt(n p (1-p)); 5 of them
+        # leave a chance below 1e-6 of failing for a correct sampler, and catch any share off by 2.5 points
+        sd = (n * share * (1 - share)) ** 0.5
+        assert abs(draws.count(mode) - n * share) < 5 * sd, (mode, draws.count(mode), n * share)
+    # equal shares draw exactly as the unweighted syntax did, so existing runs rebuild the same pairs
+    a = Encoder(tiny_tokenizer, 128, 128, text_mode="prefix+denoise", seed=1)
+    b = Encoder(tiny_tokenizer, 128, 128, text_mode="prefix:1+denoise:1", seed=1)
+    (item,) = a.encode_rows("text", [(PROSE[1] + PROSE[2],)])
+    for epoch in range(8):
+        pa_, pb_ = a.to_pair(item, epoch, (0, 1, 0)), b.to_pair(item, epoch, (0, 1, 0))
+        assert all(x.tolist() == y.tolist() for x, y in zip(pa_, pb_))
+    for bad in ("prefix:0+copy", "prefix:x", "copy+copy", "prefix:-1"):
+        with pytest.raises(ValueError, match="bad text_mode"):
+            Encoder(tiny_tokenizer, 32, 32, text_mode=bad)

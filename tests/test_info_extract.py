@@ -149,8 +149,12 @@ def test_finetune_through_project_trainer(tiny_model_dir, demo_data, tmp_path):
     from finetune_examples.info_extract.finetune import finetune
     res = finetune(train_file=str(demo_data["ie"]), dev_file=str(demo_data["ie"]), init_from=str(tiny_model_dir),
                    data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "ie"), valid_size=0, max_steps=3,
-                   batch_size_per_gpu=4, max_new_tokens=8, num_threads=1, progress=False)
+                   batch_size_per_gpu=4, max_new_tokens=8, num_threads=1, progress=False,
+                   curve_points=3)
     assert res["train"]["steps"] == 3
+    # dev F1 at each of the 3 evaluations (every update here); the last one scores the exported model's weights
+    assert [s for s, _ in res["f1_curve"]] == [1, 2, 3] and all(0.0 <= f <= 1.0 for _, f in res["f1_curve"])
+    assert res["f1_curve"][-1][1] == res["dev"]["f1"]
     assert (tmp_path / "ie" / "config.json").is_file() and (tmp_path / "ie" / "ie_scores.json").is_file()
     dev = res["dev"]
     assert dev["sentences"] == 8 and dev["n_gold"] == 11 and 0.0 <= dev["f1"] <= 1.0

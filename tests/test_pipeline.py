@@ -149,11 +149,20 @@ def test_stage_figures_are_read_from_the_stage_outputs(tmp_path):
     f = pipeline.trainer_figures(out)
     assert f == {"steps": 20, "loss": 3.0, "eval_loss": 3.5, "eval_bpc": 8.0, "baseline_unigram_bpc": 9.0,
                  "baseline_bigram_bpc": 7.0, "files": {"metrics": "metrics.jsonl"}}
+    # with held-out copy figures: the last ones, and the onset at the first evaluation below 1 nat
+    rows += [{"step": 20, "eval_loss": 3.0, "eval_bpc": 7.5, "eval_copy_loss": 2.0, "eval_copy_rate": 0.0},
+             {"step": 30, "eval_loss": 2.9, "eval_bpc": 7.4, "eval_copy_loss": 0.8, "eval_copy_rate": 0.3},
+             {"step": 40, "eval_loss": 2.8, "eval_bpc": 7.3, "eval_copy_loss": 0.2, "eval_copy_rate": 0.7}]
+    (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    f = pipeline.trainer_figures(out)
+    assert (f["eval_copy_loss"], f["eval_copy_rate"], f["copy_onset_eval_step"]) == (0.2, 0.7, 30)
     (tmp_path / "ie").mkdir()
     (tmp_path / "ie" / "ie_scores.json").write_text(json.dumps({"dev": {"f1": 0.5}, "train": {"steps": 7},
-                                                                "train_minutes": 1.5}))
+                                                                "train_minutes": 1.5, "eval_minutes": 0.5,
+                                                                "f1_curve": [[3, 0.1], [7, 0.5]]}))
     runs = pipeline.ie_figures(tmp_path, {"pretrained": "ie", "scratch": "ie_scratch"})["runs"]
-    assert runs == {"pretrained": {"dev": {"f1": 0.5}, "steps": 7, "train_minutes": 1.5}}
+    assert runs == {"pretrained": {"dev": {"f1": 0.5}, "steps": 7, "train_minutes": 1.5, "eval_minutes": 0.5,
+                                   "f1_curve": [[3, 0.1], [7, 0.5]]}}
 
 
 def test_gpu_profile_dry_run_runs_every_stage_through_accelerate_with_two_processes(tmp_path):

@@ -16,7 +16,9 @@ def _summary(folder, stage: str, figures: dict, wall_s: float = 1.0, finished: s
 
 def test_report_card_gathers_summaries_and_publishes_text_and_plots(tmp_path):
     root = tmp_path / "root"
-    rows = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3} for s in range(1, 21)] + [{"step": 20, "eval_loss": 3.5}]
+    rows = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3} for s in range(1, 21)] + [
+        {"step": 10, "eval_loss": 3.9, "eval_copy_loss": 2.5, "eval_copy_rate": 0.0},
+        {"step": 20, "eval_loss": 3.5, "eval_copy_loss": 0.5, "eval_copy_rate": 0.25}]
     (root / "sft").mkdir(parents=True)
     (root / "sft" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     _summary(root / "sft", "sft", {"loss": 3.0, "files": {"metrics": "metrics.jsonl"}}, wall_s=30.0)
@@ -26,10 +28,16 @@ def test_report_card_gathers_summaries_and_publishes_text_and_plots(tmp_path):
                          "Other": {"subjects": 1, "n": 20, "accuracy": 0.275}}}, wall_s=12.0,
              finished="2026-12-01 11:00:00")
     _summary(root / "ie", "ie", {"runs": {"from the pretrained model": {
-        "dev": {"precision": 0.5, "recall": 0.25, "f1": 0.333}, "steps": 40, "train_minutes": 2.0}}})
+        "dev": {"precision": 0.5, "recall": 0.25, "f1": 0.333}, "steps": 40, "train_minutes": 2.0,
+        "f1_curve": [[20, 0.125], [40, 0.333]]}}})
     _summary(root / "chat", "chat", {"heldout": [{"prompt": "3加5", "answer": "8", "expected": "8", "correct": True}],
                                      "samples": [{"prompt": "你好", "answer": "你好", "top_token_share": 0.5}],
-                                     "degenerate": 1, "distinct_2": 0.5, "generation": "max_new_tokens 64"})
+                                     "degenerate": 1, "distinct_2": 0.5, "generation": "max_new_tokens 64",
+                                     "passage": {"n": 2, "contains_gold": 1, "questions": [
+                                         {"prompt": "短文：甲是乙。\n问题：甲是什么？", "answer": "乙", "answers": ["乙"],
+                                          "contains_gold": True},
+                                         {"prompt": "短文：丙是丁。\n问题：丙是什么？", "answer": "戊", "answers": ["丁"],
+                                          "contains_gold": False}]}})
     _summary(root, "final", {"source": "sft", "decoding": {"n": 64, "chosen": {"repetition_penalty": 1.3}, "grid": [
         {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3, "degenerate": 2, "answers": 64, "distinct_2": 0.25,
          "mean_tokens": 8.0}]}}, wall_s=0.0)
@@ -48,7 +56,11 @@ def test_report_card_gathers_summaries_and_publishes_text_and_plots(tmp_path):
     assert "| sft | 30.0 | 100 |" in text and "Total: 44 s" in text
     published = sorted(p.relative_to(tmp_path / "docs").as_posix() for p in (tmp_path / "docs").rglob("*")
                        if p.is_file())
-    assert published == ["plots/ceval_categories.png", "plots/sft_curves.png", "report.md"]
+    assert "- sft: onset at step 20; final copy loss 0.500, exact copy rate 0.250" in text
+    assert "| 20 | 0.125 |" in text and "| 40 | 0.333 |" in text  # the F1-versus-updates table
+    assert "1 of 2 answers contain a gold span" in text and "| 丙是什么？ | 戊 | 丁 | False |" in text
+    assert published == ["plots/ceval_categories.png", "plots/copy.png", "plots/ie_f1.png", "plots/sft_curves.png",
+                         "report.md"]
 
 
 def test_data_and_tokenizer_sections_come_from_their_summaries(tmp_path):

@@ -247,3 +247,64 @@ def test_eval_reports_bits_per_char_and_the_character_baselines(tok_dir, demo_da
     assert r["baseline_bigram_bpc"] < r["baseline_unigram_bpc"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_bpc" in x for x in rows) and any("baseline_bigram_bpc" in x for x in rows)
+
+
+def test_copy_figures_on_a_uniform_model_and_on_an_oracle(tiny_tokenizer):
+    """Held-out copy figures with known values: a model whose logits are all 0 puts 1/V on every token, so its
+    copy loss is ln(V) exactly (up to float32 rounding of a log-sum-exp over V equal terms, far below 1e-4) and
+    greedy decoding never copies; an oracle that writes its input back reproduces every row."""
+    import math
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from config import EOS_ID
+    from model.chat_model import TextToTextModel
+    from model.training.trainer import Seq2SeqObjective, copy_rows, exact_copy
+
+    rows = copy_rows([[9, 10, 11, EOS_ID], [12, EOS_ID], [EOS_ID], list(range(20, 40)) + [EOS_ID]], 4, 8)
+    assert [r.tolist() for r in rows] == [[9, 10, 11, EOS_ID], [12, EOS_ID], list(range(20, 27)) + [EOS_ID]]
+    assert exact_copy([0, 9, 10, 11, EOS_ID, 0], rows[0]) and exact_copy([0, 9, 10, 11], rows[0])
+    assert not exact_copy([0, 9, 10, 12, EOS_ID], rows[0]) and not exact_copy([0, 9, 10], rows[0])
+
+    torch.manual_seed(0)
+    model = TextToTextModel.from_preset("tiny", vocab_size=len(tiny_tokenizer))
+    with torch.no_grad():
+        model.shared.weight.zero_()  # tied to the LM head: every logit is 0
+    obj = Seq2SeqObjective(TrainConfig(eval_batch_size=2, copy_max_len=8))
+    obj.copy_rows = rows
+    acc = Accelerator(cpu=True)
+    trainer = SimpleNamespace(acc=acc, rank=0, world=1, inner_model=lambda: model)
+    with torch.no_grad():
+        got = obj.copy_figures(trainer)
+    assert got["copy_samples"] == 3 and got["eval_copy_rate"] == 0.0
+    assert abs(got["eval_copy_loss"] - math.log(model.config.vocab_size)) < 1e-4
+
+    class Oracle(torch.nn.Module):
+        def target_loss(self, input_ids, attention_mask, labels):
+            return torch.tensor(0.0), int((labels != -100).sum())
+
+        def my_generate(self, input_ids, attention_mask, max_seq_len, search_type):
+            out = torch.cat([torch.zeros_like(input_ids[:, :1]), input_ids], dim=1)
+            out[out[:, 1] == 12, 1] = 13  # the row [12, EOS] comes out wrong
+            return out
+
+    got = obj.copy_figures(SimpleNamespace(acc=acc, rank=0, world=1, inner_model=lambda: Oracle()))
+    assert got["eval_copy_rate"] == 2 / 3 and got["eval_copy_loss"] == 0.0
+
+
+@pytest.mark.parametrize("flags,native", [("fpu sse2 avx2 avx512f", False), ("fpu avx512f avx512_bf16", True),
+                                          ("fpu amx_tile amx_bf16", True)])
+def test_precision_auto_follows_the_cpus_native_bf16(tmp_path, monkeypatch, flags, native):
+    from model.training import engine
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert engine.cpu_has_native_bf16(str(info)) is native
+    assert engine.cpu_has_native_bf16(str(tmp_path / "missing")) is False
+    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    for auto_bf16 in (False, True):
+        monkeypatch.setattr(engine, "CPU_AUTO_BF16", auto_bf16)
+        assert engine.resolve_precision("auto", cpu=True) == ("bf16" if native and auto_bf16 else "no")
+        assert engine.resolve_precision("no", cpu=True) == "no"
+        assert engine.resolve_precision("bf16", cpu=True) == "bf16"

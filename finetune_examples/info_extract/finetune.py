@@ -24,7 +24,9 @@ from config import MODEL_PRESETS, SHARED_DATA, TrainConfig, config_help, run_cli
 from finetune_examples.info_extract.data_process import format_triples, make_prompt, process, read_ie_file
 from finetune_examples.info_extract.evaluate import evaluate
 from model.tokenizer.build import save_tokenizer, train_tokenizer
-from model.training.trainer import probe_seconds_per_step, train, train_config
+from model.logging_utils import read_jsonl
+from model.training.engine import run
+from model.training.trainer import Seq2SeqObjective, probe_seconds_per_step, train_config
 
 DUIE = SHARED_DATA / "ie" / "duie"
 
@@ -34,6 +36,32 @@ IE_TRAIN_DEFAULTS = dict(
     max_source_len=192, max_target_len=128, save_steps=0, eval_steps=0, logging_steps=20,  # 0: off
     bleu_samples=0, log_with="none", num_threads=2, cpu=False,
 )
+
+
+class ExtractionObjective(Seq2SeqObjective):
+    """The seq2seq objective, and at every evaluation the dev F1 of greedy extraction on ``curve_file``'s first
+    ``curve_limit`` sentences, so metrics.jsonl holds an F1-versus-updates curve (main process only: the
+    generation needs no other rank)."""
+
+    def __init__(self, cfg, curve_file: Optional[str], curve_limit: Optional[int], max_new_tokens: int):
+        super().__init__(cfg)
+        self.curve_file, self.curve_limit, self.max_new_tokens = curve_file, curve_limit, max_new_tokens
+        if not cfg.valid_file:
+            self.best_metric = None  # no eval loss to pick a best model by; the F1 curve alone
+
+    def evaluate(self, trainer) -> dict:
+        metrics = super().evaluate(trainer)
+        if self.curve_file and trainer.is_main and not trainer.sharded:
+            t = time.perf_counter()
+            model = trainer.inner_model()
+            dev = evaluate("", self.curve_file, batch_size=self.cfg.eval_batch_size, limit=self.curve_limit,
+                           max_new_tokens=self.max_new_tokens, max_source_len=self.cfg.max_source_len,
+                           num_threads=self.cfg.num_threads or 2, model=model, tokenizer=self.tokenizer,
+                           progress=False)
+            model.train()
+            metrics.update(dev_f1=dev["f1"], dev_precision=dev["precision"], dev_recall=dev["recall"],
+                           dev_sentences=dev["sentences"], dev_eval_s=round(time.perf_counter() - t, 1))
+        return metrics
 
 
 def build_tokenizer(train_file: str | Path, out_dir: str | Path, vocab_size: int = 8192):
@@ -51,12 +79,16 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
              data_dir: str = "data/generated/ie", output_dir: str = "model_save/ie", valid_size: int = 200,
              eval_limit: Optional[int] = None, eval_batch_size: int = 32, max_new_tokens: int = 128,
              skip_eval: bool = False, time_budget_min: Optional[float] = None, probe_steps: int = 24,
-             progress: bool = True, **train_overrides) -> dict:
+             curve_points: int = 0, progress: bool = True, **train_overrides) -> dict:
     """Process, train, evaluate; returns {'train': trainer figures, 'dev': P/R/F1, ...}.
 
     ``time_budget_min`` (without ``max_steps``) fits the run into a wall-clock budget: a ``probe_steps`` run
     measures seconds per step on this machine, then the real run gets as many steps as fit (the LR schedule
     must know its length in advance, so the run is sized rather than cut).
+
+    ``curve_points`` > 0 evaluates dev F1 (on the ``eval_limit`` sentences) that many times during training, at
+    even intervals: the F1-versus-updates curve lands in metrics.jsonl and ie_scores.json. Those evaluations
+    are paid on top of the time budget.
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     out = Path(output_dir)
@@ -89,8 +121,14 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
                                  "overhead_s": round(overhead, 1), "max_steps": settings["max_steps"]}
         print(f"time budget {time_budget_min} min: {per_step:.3f} s/step measured, "
               f"training {settings['max_steps']} steps")
+    curve_file = paths.get("dev") if curve_points > 0 and dev_file and not skip_eval else None
+    if curve_file:
+        settings["eval_steps"] = max(1, settings["max_steps"] // curve_points) if settings.get("max_steps", -1) > 0 \
+            else settings.get("eval_steps", 0)
     cfg = train_config(None, valid_file=paths.get("valid"), output_dir=str(out), **common, **settings)
-    result["train"] = train(cfg)
+    result["train"] = run(cfg, ExtractionObjective(cfg, curve_file, eval_limit, max_new_tokens))
+    if curve_file:
+        result["f1_curve"] = [[r["step"], r["dev_f1"]] for r in read_jsonl(out / "metrics.jsonl") if "dev_f1" in r]
     result["train_minutes"] = round((time.perf_counter() - t0) / 60, 2)  # wall clock, data and probe included
     result["train_cpu_minutes"] = round((time.process_time() - cpu0) / 60, 2)
     if dev_file and not skip_eval and "dev" in paths:

@@ -32,7 +32,8 @@ from config import EOS_ID, PAD_ID, sentinel_token
 from model.packing import collate_packed, pack_rows
 
 IGNORE_INDEX = -100
-TEXT_MODES = ("prefix", "span", "denoise")  # "a+b": each text row takes one of them at random ("mix": prefix+span)
+TEXT_MODES = ("prefix", "span", "denoise", "copy")  # "a+b" or "a:2+b:1": each text row draws one at that share
+DEFAULT_COPY_LEN = 64  # copy rows: tokens per copied window
 SENTENCE_END_CHARS = set("。！？!?；;…\n")
 PAIR, TEXT = 0, 1
 TOKENIZE_CHUNK = 256  # rows tokenised together in streaming mode
@@ -54,6 +55,27 @@ def count_sentinels(tokenizer) -> int:
     return n
 
 
+def parse_text_mode(text_mode: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """``prefix``, ``prefix+denoise`` (equal shares), ``prefix:2+copy:1`` (shares 2/3, 1/3), ``mix`` =
+    ``prefix+span`` -> (modes, shares summing to 1)."""
+    spec = "prefix+span" if text_mode == "mix" else str(text_mode)
+    modes, weights = [], []
+    for part in spec.split("+"):
+        name, _, weight = part.strip().partition(":")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            w = -1.0
+        if name not in TEXT_MODES or not w > 0 or name in modes:
+            raise ValueError(f"bad text_mode {text_mode!r} at {part!r}: expected modes from {', '.join(TEXT_MODES)}"
+                             f" (or mix), each once, joined by '+', each optionally with a positive share "
+                             f"(e.g. prefix+denoise, or prefix:2+copy:1)")
+        modes.append(name)
+        weights.append(w)
+    total = sum(weights)
+    return tuple(modes), tuple(w / total for w in weights)
+
+
 class Encoder:
     """Tokenises rows and turns text rows into pairs (prefix -> continuation, or span corruption).
 
@@ -62,11 +84,13 @@ class Encoder:
     """
 
     def __init__(self, tokenizer, max_source_len: int = 256, max_target_len: int = 256, text_mode: str = "prefix",
-                 noise_density: float = 0.15, mean_noise_span_length: float = 3.0, seed: int = 0):
-        self.modes = tuple(("prefix+span" if text_mode == "mix" else text_mode).split("+"))
-        if not self.modes or any(m not in TEXT_MODES for m in self.modes):
-            raise ValueError(f"unknown text_mode {text_mode!r}; expected one of {', '.join(TEXT_MODES)}, mix, "
-                             f"or several joined by '+' (e.g. prefix+denoise)")
+                 noise_density: float = 0.15, mean_noise_span_length: float = 3.0, seed: int = 0,
+                 copy_max_len: int = DEFAULT_COPY_LEN):
+        self.modes, self.shares = parse_text_mode(text_mode)
+        if copy_max_len < 2:
+            raise ValueError(f"copy_max_len must be at least 2 (one token plus [EOS]), got {copy_max_len}")
+        self.copy_max_len = copy_max_len
+        self.cum_shares = np.cumsum(self.shares)
         if max_source_len < 2 or max_target_len < 2:
             raise ValueError("max_source_len and max_target_len must be at least 2 (one token plus [EOS])")
         if not 0.0 < noise_density < 1.0:
@@ -115,10 +139,11 @@ class Encoder:
         n = min(len(a), self.max_source_len + self.max_target_len - 2)
         d, m = self.noise_density, self.mean_noise_span_length
         short = min(len(a), self.max_source_len - 1, self.max_target_len - 1)
+        copy = min(short, self.copy_max_len - 1)
         est = {"prefix": (n / 2, n / 2), "span": (n * (1 - d + d / m), n * d * (1 + 1 / m)),
-               "denoise": (short * (1 - d + d / m), short)}
-        src = sum(est[k][0] for k in self.modes) / len(self.modes)
-        tgt = sum(est[k][1] for k in self.modes) / len(self.modes)
+               "denoise": (short * (1 - d + d / m), short), "copy": (copy, copy)}
+        src = sum(est[k][0] * w for k, w in zip(self.modes, self.shares))
+        tgt = sum(est[k][1] * w for k, w in zip(self.modes, self.shares))
         return min(int(src) + 1, self.max_source_len), min(int(tgt) + 1, self.max_target_len)
 
     # -- text rows -> pairs
@@ -130,12 +155,23 @@ class Encoder:
         if kind == PAIR:
             return a, b
         rng = self.rng(epoch, key)
-        mode = self.modes[0] if len(self.modes) == 1 else self.modes[int(rng.integers(len(self.modes)))]
+        mode = self.draw_mode(rng)
         if mode == "span":
             return self.span_corrupt(a, rng)
         if mode == "denoise":
             return self.denoise(a, rng)
+        if mode == "copy":
+            return self.copy(a, rng)
         return self.prefix_split(a, rng)
+
+    def draw_mode(self, rng: np.random.Generator) -> str:
+        """One mode at its share (equal shares draw an integer, so their pairs do not depend on the syntax)."""
+        if len(self.modes) == 1:
+            return self.modes[0]
+        if len(set(self.shares)) == 1:
+            return self.modes[int(rng.integers(len(self.modes)))]
+        return self.modes[min(int(np.searchsorted(self.cum_shares, rng.random(), side="right")),
+                              len(self.modes) - 1)]
 
     def _window(self, doc: np.ndarray, size: int, rng) -> np.ndarray:
         """A random window of ``size`` tokens, moved to a sentence start when one is near."""
@@ -216,6 +252,15 @@ class Encoder:
         src, _ = self._cut_spans(w, *self._noise_layout(len(w), rng))
         eos = np.array([EOS_ID], dtype=np.int32)
         return np.concatenate([src, eos]), np.concatenate([w, eos])
+
+    def copy(self, doc: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+        """A window of at most ``copy_max_len`` tokens, to be written out again: the plain copy that extraction
+        builds on (every subject and object is a span of the sentence). Short windows make the skill cheap to
+        practise; a small T5 acquires it abruptly after a plateau (docs/recipe.md)."""
+        size = max(1, min(self.copy_max_len, self.max_source_len, self.max_target_len) - 1)
+        w = self._window(doc, size, rng)
+        eos = np.array([EOS_ID], dtype=np.int32)
+        return np.concatenate([w, eos]), np.concatenate([w, eos])
 
 
 def collate_pairs(pairs: Sequence[tuple[np.ndarray, np.ndarray]], pad_to_multiple_of: int = 0) -> dict:
@@ -317,11 +362,12 @@ class TextToTextDataset(torch.utils.data.Dataset):
 
     def __init__(self, files, tokenizer, max_source_len: int = 256, max_target_len: int = 256,
                  text_mode: str = "prefix", noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
-                 seed: int = 0, max_samples: int = 0, show_progress: bool = False):
+                 seed: int = 0, max_samples: int = 0, show_progress: bool = False,
+                 copy_max_len: int = DEFAULT_COPY_LEN):
         self.sources = files if isinstance(files, list) and files and isinstance(files[0], SourceInfo) \
             else open_sources(files)
         self.encoder = Encoder(tokenizer, max_source_len, max_target_len, text_mode, noise_density,
-                               mean_noise_span_length, seed)
+                               mean_noise_span_length, seed, copy_max_len)
         self.seed = seed
         self.items: list[list] = []  # per source: item or None (skipped)
         self.skipped: dict[str, int] = {}
@@ -496,10 +542,10 @@ class StreamingBatches:
                  shuffle_buffer: int = 10000, group_by_length: bool = True, length_group_batches: int = 64,
                  max_source_len: int = 256, max_target_len: int = 256, text_mode: str = "prefix",
                  noise_density: float = 0.15, mean_noise_span_length: float = 3.0, pad_to_multiple_of: int = 0,
-                 read_chunk: int = 1024, packing: bool = False):
+                 read_chunk: int = 1024, packing: bool = False, copy_max_len: int = DEFAULT_COPY_LEN):
         self.sources = open_sources(files)
         self.encoder = Encoder(tokenizer, max_source_len, max_target_len, text_mode, noise_density,
-                               mean_noise_span_length, seed)
+                               mean_noise_span_length, seed, copy_max_len)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.group_by_length, self.length_group_batches = group_by_length, max(1, length_group_batches)
@@ -724,7 +770,8 @@ class StreamingTextToText(torch.utils.data.IterableDataset):
 def make_batches(cfg, tokenizer, rank: int = 0, world_size: int = 1, show_progress: bool = False):
     """The training batch source for a TrainConfig: in memory or streaming, sharded for this rank."""
     common = dict(max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len, text_mode=cfg.text_mode,
-                  noise_density=cfg.noise_density, mean_noise_span_length=cfg.mean_noise_span_length)
+                  noise_density=cfg.noise_density, mean_noise_span_length=cfg.mean_noise_span_length,
+                  copy_max_len=cfg.copy_max_len)
     if cfg.streaming:
         return StreamingBatches(cfg.train_file, tokenizer, cfg.batch_size_per_gpu, rank, world_size, cfg.seed,
                                 cfg.shuffle_buffer, cfg.group_by_length, cfg.length_group_batches,

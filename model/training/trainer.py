@@ -113,13 +113,15 @@ class Seq2SeqObjective(Objective):
             acc.print("skipped empty rows: " + ", ".join(f"{p}: {n}" for p, n in skipped.items() if n))
         for line in bad_row_report(getattr(getattr(self.batches, "ds", self.batches), "sources", [])):
             acc.print(line)  # rows that did not fit their schema: file, row, field, what was expected
-        self.valid, self.valid_chars, self.baselines = None, 0, {}
+        self.valid, self.valid_chars, self.baselines, self.copy_rows = None, 0, {}, []
         if cfg.valid_file:
             self.valid = TextToTextDataset(cfg.valid_file, self.tokenizer,
                                            cfg.eval_max_source_len or cfg.max_source_len,
                                            cfg.eval_max_target_len or cfg.max_target_len, cfg.text_mode,
                                            cfg.noise_density, cfg.mean_noise_span_length, seed=cfg.seed,
-                                           max_samples=cfg.max_eval_samples)
+                                           max_samples=cfg.max_eval_samples, copy_max_len=cfg.copy_max_len)
+            self.copy_rows = copy_rows([ds_pair[1] for ds_pair in map(self.valid.pair, self.valid._keys0)],
+                                       cfg.copy_eval_samples, cfg.copy_max_len)
             targets = self.valid_target_texts()
             self.valid_chars = sum(len(t) for t in targets)
             if cfg.baselines and trainer.is_main:
@@ -194,8 +196,35 @@ class Seq2SeqObjective(Objective):
                    "eval_bpc": bits_per_char(float(loss_sum), self.valid_chars)}
         if cfg.bleu_samples > 0 and not trainer.sharded:
             metrics.update(self.sample_bleu(trainer))
+        if self.copy_rows and not trainer.sharded:
+            metrics.update(self.copy_figures(trainer))
         trainer.module.train()
         return metrics
+
+    def copy_figures(self, trainer) -> dict:
+        """The held-out copy figures: mean loss (nats per target token) of writing each held-out target out again
+        from itself, and the share that greedy decoding reproduces exactly. A model that has acquired copying
+        goes towards 0 and 1; one that has not stays near its language-model loss and 0."""
+        from accelerate.utils import gather_object
+
+        from model.data.dataset import collate_pairs
+        acc, cfg = trainer.acc, self.cfg
+        rows = self.copy_rows[trainer.rank::trainer.world]
+        model = trainer.inner_model()
+        loss_sum, n_tok, hits = 0.0, 0, 0
+        for i in range(0, len(rows), cfg.eval_batch_size):
+            chunk = rows[i: i + cfg.eval_batch_size]
+            batch = {k: v.to(acc.device) for k, v in collate_pairs([(r, r) for r in chunk]).items()}
+            with acc.autocast():
+                batch_loss, n = model.target_loss(**batch)
+                gen = model.my_generate(batch["input_ids"], batch["attention_mask"],
+                                        max_seq_len=cfg.copy_max_len + 1, search_type="greedy")
+            loss_sum, n_tok = loss_sum + float(batch_loss), n_tok + int(n)
+            hits += sum(exact_copy(g, r) for g, r in zip(gen.tolist(), chunk))
+        parts = gather_object([(loss_sum, n_tok, hits, len(rows))])
+        total = sum(p[3] for p in parts)
+        return {"eval_copy_loss": sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts)),
+                "eval_copy_rate": sum(p[2] for p in parts) / max(1, total), "copy_samples": total}
 
     def sample_bleu(self, trainer) -> dict:
         """Char BLEU of greedy answers to the first ``bleu_samples`` validation prompts."""
@@ -231,7 +260,7 @@ class Seq2SeqObjective(Objective):
             try:
                 from model.training.plots import plot_curves
                 plot_curves(trainer.out / "metrics.jsonl", trainer.out / "loss_curve.png",
-                            keys=["loss", "eval_loss", "eval_bpc", "lr", "bleu"])
+                            keys=["loss", "eval_loss", "eval_bpc", "lr", "bleu", "eval_copy_rate"])
             except Exception as e:  # a plot must never fail a finished run
                 trainer.acc.print(f"loss curve not drawn: {e}")
         result["skipped_rows"] = self.skipped_rows()
@@ -244,6 +273,25 @@ class Seq2SeqObjective(Objective):
         if hasattr(self.batches, "ds"):
             return sum(self.batches.ds.skipped.values())
         return self.batches.st.skipped
+
+
+def copy_rows(targets: list, n: int, max_len: int) -> list:
+    """The first ``n`` held-out targets, each cut to ``max_len`` tokens with its [EOS] last: copy-eval rows."""
+    from config import EOS_ID
+    out = []
+    for t in targets[: max(0, n)]:
+        ids = [int(x) for x in t if int(x) != EOS_ID][: max_len - 1]
+        if ids:
+            out.append(np.asarray(ids + [EOS_ID], dtype=np.int32))
+    return out
+
+
+def exact_copy(generated: list, row) -> bool:
+    """Whether a generated sequence (decoder start, then tokens) writes ``row`` (ending in [EOS]) exactly."""
+    from config import EOS_ID, PAD_ID
+    ids = [t for t in generated if t != PAD_ID]
+    want = [int(x) for x in row]
+    return ids[: len(want)] == want or (ids == want[:-1] and want[-1] == EOS_ID)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -334,7 +382,8 @@ def hf_train(cfg: TrainConfig, reference_settings: bool = False, group_by_length
     tokenizer, model = load_tokenizer_and_model(cfg)
     info = apply_freeze(model, cfg.freeze)
     common = dict(max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len, text_mode=cfg.text_mode,
-                  noise_density=cfg.noise_density, mean_noise_span_length=cfg.mean_noise_span_length)
+                  noise_density=cfg.noise_density, mean_noise_span_length=cfg.mean_noise_span_length,
+                  copy_max_len=cfg.copy_max_len)
     if cfg.streaming:
         train_ds = StreamingTextToText(cfg.train_file, tokenizer, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                                        group_by_length=False, **common)
