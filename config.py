@@ -60,7 +60,42 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 # ------------------------------------------------------------------------------------------ training
 @dataclass
-class TrainConfig:
+class LoopConfig:
+    """What the one training loop (model/training/engine.py) reads, shared by every stage's config; a stage's
+    config inherits these fields and redeclares the ones whose default differs."""
+
+    output_dir: str = "model_save/pretrain"  # final model (plain HF folder), checkpoints/, metrics.jsonl, loss_curve.png
+    is_keep_training: bool = False  # continue exactly from the newest checkpoint in output_dir
+    epochs: int = 1  # passes over the training files (ignored when max_steps > 0)
+    max_steps: int = -1  # optimizer updates; > 0 overrides epochs
+    batch_size_per_gpu: int = 16  # samples per process per micro-step
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer update
+    learning_rate: float = 5e-4  # peak learning rate
+    weight_decay: float = 0.01  # AdamW decay on weights (not on norms and biases)
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
+    optimizer: str = "adamw"  # adamw | adafactor (external LR: the schedule applies) | sgd
+    lr_scheduler: str = "cosine"  # cosine | onecycle | constant | linear
+    warmup_steps: float = 0.02  # a fraction of total steps when < 1
+    min_lr_ratio: float = 0.1  # cosine ends at learning_rate * min_lr_ratio
+    div_factor: float = 25.0  # onecycle starts at learning_rate / div_factor
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | fp16 | bf16
+    cpu: bool = False  # train on CPU even when a GPU is visible
+    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    save_steps: int = 1000  # checkpoint every N updates (0: off)
+    eval_steps: int = 1000  # evaluate every N updates (0: only at the end)
+    logging_steps: int = 20  # log train loss every N updates (0: only at the end)
+    keep_last_n: int = 2  # newest checkpoints kept (plus the best one by eval loss, in a stage that picks one)
+    save_best: bool = True  # export the best model by eval loss to output_dir/best (plain HF folder)
+    seed: int = 23333  # seed of weights, data order and dropout
+    log_with: str = "tensorboard"  # tensorboard | none
+    show_progress: bool = True  # rich progress bar
+    debug_signal: Optional[str] = None  # tests: "STEP:SIGNAME" sends that signal to this process after STEP
+
+
+@dataclass
+class TrainConfig(LoopConfig):
     """Pretraining (and, with ``is_finetune=True``, SFT) through the project's accelerate trainer.
 
     ``train_file`` takes one file or several separated by commas, each optionally followed by ``:weight``
@@ -73,31 +108,12 @@ class TrainConfig:
     train_file: str = "data/generated/all/my_train_dataset.parquet"  # parquet/.txt file(s), comma-separated, each with an optional :weight
     valid_file: Optional[str] = "data/generated/all/my_valid_dataset.parquet"  # held-out pairs for eval loss, bpc and BLEU (None: no eval)
     tokenizer_dir: str = "model_save/tokenizer"  # tokenizer folder for a model trained from scratch
-    output_dir: str = "model_save/pretrain"  # final model (plain HF folder), checkpoints/, metrics.jsonl, loss_curve.png
     init_from: Optional[str] = None  # a model folder (or hub id) to start from (SFT: the pretrained model)
     push_to_hub: Optional[str] = None  # a hub repo id: upload the final folder (with its model card) there
     is_finetune: bool = False  # SFT: start from --init_from
-    is_keep_training: bool = False  # continue exactly from the newest checkpoint in output_dir
     freeze: str = "none"  # none | decoder_only (reference SFT: embeddings and encoder frozen)
     dropout_rate: Optional[float] = None  # overrides the model's dropout (preset or pretrained config)
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields over the preset (d_model, ...)
-    epochs: int = 1  # passes over the training files (ignored when max_steps > 0)
-    max_steps: int = -1  # optimizer updates; > 0 overrides epochs
-    batch_size_per_gpu: int = 16  # samples per process per micro-step
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer update
-    learning_rate: float = 5e-4  # peak learning rate
-    weight_decay: float = 0.01  # AdamW decay on weights (not on norms and biases)
-    adam_beta1: float = 0.9  # AdamW first-moment decay
-    adam_beta2: float = 0.999  # AdamW second-moment decay
-    optimizer: str = "adamw"  # adamw | adafactor (external LR: the schedule applies) | sgd
-    lr_scheduler: str = "cosine"  # cosine | onecycle | constant
-    warmup_steps: float = 0.02  # a fraction of total steps when < 1
-    min_lr_ratio: float = 0.1  # cosine ends at learning_rate * min_lr_ratio
-    div_factor: float = 25.0  # onecycle starts at learning_rate / div_factor
-    max_grad_norm: float = 1.0  # gradient clipping (0: off)
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | fp16 | bf16
-    cpu: bool = False  # train on CPU even when a GPU is visible
-    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
     max_source_len: int = 256  # encoder tokens per sample, [EOS] included (truncated by tokens)
     max_target_len: int = 256  # decoder tokens per sample, [EOS] included
     streaming: bool = False  # read files in record batches through a shuffle buffer instead of loading them
@@ -111,23 +127,14 @@ class TrainConfig:
     copy_eval_samples: int = 0  # > 0: each eval also copies this many held-out targets (copy loss, exact copy rate)
     noise_density: float = 0.15  # span corruption and denoising: share of tokens masked
     mean_noise_span_length: float = 3.0  # span corruption and denoising: mean masked span
-    save_steps: int = 1000  # checkpoint every N updates (0: off)
-    eval_steps: int = 1000  # evaluate every N updates (0: only at the end)
-    logging_steps: int = 20  # log train loss every N updates (0: only at the end)
-    keep_last_n: int = 2  # newest checkpoints kept (plus the best one by eval loss)
-    save_best: bool = True  # export the best model by eval loss to output_dir/best (plain HF folder)
     max_eval_samples: int = 1000  # validation samples used
     eval_max_source_len: int = 0  # 0: the training lengths; fixed lengths keep bpc comparable across runs
     eval_max_target_len: int = 0
     eval_batch_size: int = 32  # samples per eval forward
     bleu_samples: int = 32  # validation prompts answered greedily for char BLEU (0: off)
     baselines: bool = True  # character unigram/bigram bpc of the held-out targets (model/quality.py)
-    seed: int = 23333  # seed of weights, data order and dropout
     num_workers: int = 0  # (unused by the in-process loader; kept for the HF scripts)
-    log_with: str = "tensorboard"  # tensorboard | none
-    show_progress: bool = True  # rich progress bar
     debug_dump_samples: bool = False  # tests: each rank writes the keys of the samples it trained on
-    debug_signal: Optional[str] = None  # tests: "STEP:SIGNAME" sends that signal to this process after STEP
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -154,7 +161,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(LoopConfig):
     """Preference optimisation (DPO/IPO) of the SFT model, full or LoRA (model/training/dpo.py, dpo_train.py)."""
 
     sft_model_dir: str = "model_save/sft"  # the policy to start from (a plain model folder or a hub id)
@@ -173,29 +180,18 @@ class DPOConfig:
     lora_target_modules: tuple = ("q", "k", "v", "o")  # T5 attention projections; "q,k,v,o,wi,wo" adds the FFN
     merge_lora: bool = True  # after LoRA training also write a merged plain folder to output_dir/merged
     precompute_ref_logps: bool = True  # one reference pass before training; no reference model in memory
-    epochs: int = 1  # passes over the training files (ignored when max_steps > 0)
-    max_steps: int = -1  # optimizer updates; > 0 overrides epochs
     batch_size_per_gpu: int = 8  # pairs per process per micro-step
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer update
     learning_rate: float = 5e-5  # peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    lr_scheduler: str = "cosine"  # cosine | linear | constant | onecycle (each after warmup)
     warmup_steps: float = 0.1  # a fraction of total steps when < 1
-    max_grad_norm: float = 1.0  # gradient clipping (0: off)
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | fp16 | bf16
+    min_lr_ratio: float = 0.0  # cosine ends at learning_rate * min_lr_ratio
     max_source_len: int = 256  # encoder tokens per sample, [EOS] included (truncated by tokens)
     max_target_len: int = 256  # decoder tokens per sample, [EOS] included
     group_by_length: bool = True  # batch pairs of similar length
     save_steps: int = 500  # 0: no checkpoints
-    keep_last_n: int = 2  # newest checkpoints kept
+    save_best: bool = False  # (DPO picks no best model: the final one is the result)
     eval_steps: int = 100  # evaluate on the held-out pairs every N updates (0: only at the end)
     logging_steps: int = 10  # log every N updates (0: only at the end)
-    seed: int = 23333  # seed of weights, data order and dropout
-    is_keep_training: bool = False  # continue exactly from the newest checkpoint in output_dir
-    num_threads: int = 0  # CPU threads for torch (0: leave torch's default)
-    log_with: str = "tensorboard"  # tensorboard | none
-    show_progress: bool = True  # rich progress bar
-    debug_signal: Optional[str] = None  # tests: "STEP:SIGNAME" sends that signal to this process after STEP
 
 
 @dataclass
@@ -350,14 +346,20 @@ def _check_type(owner: str, name: str, value: Any, hint) -> Any:
 
 
 def _field_comments(cls) -> dict[str, str]:
-    """``name: type = default  # meaning`` -> {name: meaning}, read from the class source."""
+    """``name: type = default  # meaning`` -> {name: meaning}, read from the source of the class and its bases."""
     import inspect
     import re
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M)}
+    notes: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a base's comments first: the subclass's own win
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        notes.update({m.group(1): m.group(2).strip()
+                      for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M)})
+    return notes
 
 
 def config_help(cls, presets: Optional[dict] = None) -> str:

@@ -30,7 +30,7 @@ from torch import nn
 from config import DPOConfig, asdict
 from model.chat_model import TextToTextModel
 from model.data.checkpoint import check_model_folder, save_model_folder
-from model.training.engine import Objective, param_counts, run, write_json
+from model.training.engine import Objective, param_counts, planned_steps, run, unknown, write_json
 from model.progress import track
 from model.data.preference_data import (PairBatches, PreferenceDataset, collate_pairs, epoch_batches,  # noqa: F401
                                         read_preference_file)
@@ -57,7 +57,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     """Per-pair losses and implicit rewards (chosen, rejected). Inputs are per-sequence log-probabilities
     (sums for ``sigmoid``, per-token means for ``ipo``: see :func:`as_objective`)."""
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+        raise unknown("loss_type", loss_type, LOSS_TYPES)
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     chosen_logratio = policy_chosen - ref_chosen
@@ -253,7 +253,7 @@ class DPOObjective(Objective):
 
     def __init__(self, cfg: DPOConfig):
         if cfg.loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {cfg.loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+            raise unknown("loss_type", cfg.loss_type, LOSS_TYPES)
         self.cfg = cfg
 
     def setup(self, trainer) -> None:
@@ -287,10 +287,10 @@ class DPOObjective(Objective):
         self.model = policy
         self.reference = Reference(frozen, policy if cfg.use_lora else None, acc)
         self.param_info = param_counts(policy)
-        ga = max(1, cfg.gradient_accumulation_steps)
         self.batches = PairBatches(self.train_ds, cfg.batch_size_per_gpu, cfg.seed, cfg.group_by_length,
-                                   trainer.rank, trainer.world, ga, cfg.train_file)
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else self.batches.batches_per_epoch // ga * cfg.epochs
+                                   trainer.rank, trainer.world, max(1, cfg.gradient_accumulation_steps),
+                                   cfg.train_file)
+        self.total_steps = planned_steps(cfg, self.batches.batches_per_epoch)
 
     def module(self):
         return PairScorer(self.model)

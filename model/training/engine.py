@@ -109,11 +109,10 @@ def resolve_precision(value: str, cpu: bool = False) -> str:
 def build_optimizer(cfg, model) -> torch.optim.Optimizer:
     """AdamW (fused on GPU), Adafactor with an external LR (the schedule applies), or plain SGD."""
     groups = optimizer_groups(model, cfg.weight_decay)
-    name = getattr(cfg, "optimizer", "adamw")
+    name = cfg.optimizer
     if name == "adamw":
-        fused = torch.cuda.is_available() and not getattr(cfg, "cpu", False)
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate,
-                                 betas=(getattr(cfg, "adam_beta1", 0.9), getattr(cfg, "adam_beta2", 0.999)),
+        fused = torch.cuda.is_available() and not cfg.cpu
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                  fused=fused or None, foreach=None if fused else True)
     if name == "adafactor":
         from transformers.optimization import Adafactor
@@ -121,7 +120,29 @@ def build_optimizer(cfg, model) -> torch.optim.Optimizer:
                          warmup_init=False)
     if name == "sgd":  # an update is lr x gradient (tests compare gradients through it)
         return torch.optim.SGD(groups, lr=cfg.learning_rate)
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    raise unknown("optimizer", name, OPTIMIZERS)
+
+
+def unknown(option: str, value, allowed) -> ValueError:
+    """The error for a name outside ``allowed`` (optimizer, lr_scheduler, freeze mode, loss_type)."""
+    return ValueError(f"unknown {option} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def check_loop_config(cfg) -> None:
+    """The loop's named choices, checked before a stage loads anything (the builders below check them again only
+    for callers outside the loop: ``hf_train``, the benches)."""
+    for option, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS),
+                                   ("lr_scheduler", cfg.lr_scheduler, SCHEDULERS)):
+        if value not in allowed:
+            raise unknown(option, value, allowed)
+
+
+def planned_steps(cfg, batches_per_epoch: int) -> int:
+    """Optimizer updates of a run: ``max_steps`` when > 0, else ``epochs`` passes of ``batches_per_epoch``
+    micro-batches (per process) at ``gradient_accumulation_steps`` micro-batches per update, at least 1."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, int(math.ceil(cfg.epochs * batches_per_epoch / max(1, cfg.gradient_accumulation_steps))))
 
 
 def warmup_count(cfg, total_steps: int) -> int:
@@ -137,11 +158,11 @@ def build_scheduler(cfg, optimizer, total_steps: int):
         pct = min(max(warm / max(total_steps, 1), 0.01), 0.99)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps + 1,
-            pct_start=pct, div_factor=getattr(cfg, "div_factor", 25.0), anneal_strategy="cos",
+            pct_start=pct, div_factor=cfg.div_factor, anneal_strategy="cos",
             cycle_momentum=False)
     if kind not in SCHEDULERS:
-        raise ValueError(f"unknown lr_scheduler {kind!r}; expected one of {', '.join(SCHEDULERS)}")
-    floor = getattr(cfg, "min_lr_ratio", 0.0)
+        raise unknown("lr_scheduler", kind, SCHEDULERS)
+    floor = cfg.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warm:
@@ -217,17 +238,13 @@ class Trainer:
         from accelerate.utils import DistributedType
 
         self.cfg, self.obj = cfg, objective
-        if getattr(cfg, "num_threads", 0) > 0:
+        if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
-        for name, allowed in (("optimizer", OPTIMIZERS), ("lr_scheduler", SCHEDULERS)):
-            if getattr(cfg, name, allowed[0]) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; expected one of {', '.join(allowed)}")
+        check_loop_config(cfg)
         self.out = Path(cfg.output_dir)
-        log_with = getattr(cfg, "log_with", None)
-        cpu = getattr(cfg, "cpu", False)
-        self.acc = Accelerator(cpu=cpu, mixed_precision=resolve_precision(cfg.mixed_precision, cpu),
+        self.acc = Accelerator(cpu=cfg.cpu, mixed_precision=resolve_precision(cfg.mixed_precision, cfg.cpu),
                                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                               log_with=None if log_with in (None, "", "none") else log_with,
+                               log_with=None if cfg.log_with in (None, "", "none") else cfg.log_with,
                                project_dir=str(self.out))
         self.is_main, self.rank, self.world = self.acc.is_main_process, self.acc.process_index, self.acc.num_processes
         objective.setup(self)
@@ -302,7 +319,7 @@ class Trainer:
             self.scheduler.step()
         self.state["step"] += 1
         self.epoch = micro[-1].epoch
-        signal_at = getattr(cfg, "debug_signal", None)  # tests: "STEP:SIGNAME" signals this process after STEP
+        signal_at = cfg.debug_signal  # tests: "STEP:SIGNAME" signals this process after STEP
         if signal_at and int(signal_at.split(":")[0]) == self.state["step"]:
             os.kill(os.getpid(), getattr(signal, signal_at.split(":")[1]))
         return micro
@@ -347,7 +364,7 @@ class Trainer:
             best = self.state["best_eval"]
             if best is None or ev[metric] < best:
                 self.state["best_eval"], self.state["best_step"] = ev[metric], step
-                if getattr(self.cfg, "save_best", False):
+                if self.cfg.save_best:
                     self.export(self.out / "best")
         return ev
 

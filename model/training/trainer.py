@@ -21,7 +21,7 @@ from torch import nn
 from config import TRAIN_PRESETS, TrainConfig, make_config
 from model.data.checkpoint import check_model_folder, latest_checkpoint, publish_model  # noqa: F401 (re-exported)
 from model.training.engine import (Objective, build_optimizer, build_scheduler, param_checksum,  # noqa: F401
-                                   param_counts, reset_accelerate, run, write_json)
+                                   param_counts, planned_steps, reset_accelerate, run, unknown, write_json)
 
 FREEZE_MODES = ("none", "decoder_only")
 
@@ -63,7 +63,7 @@ def load_tokenizer_and_model(cfg: TrainConfig):
 def apply_freeze(model, mode: str) -> dict:
     """``decoder_only`` (the reference SFT): shared embeddings (tied to the LM head) and encoder frozen."""
     if mode not in FREEZE_MODES:
-        raise ValueError(f"unknown freeze mode {mode!r}; expected one of {', '.join(FREEZE_MODES)}")
+        raise unknown("freeze mode", mode, FREEZE_MODES)
     if mode == "decoder_only":
         for p in model.shared.parameters():
             p.requires_grad_(False)
@@ -91,7 +91,7 @@ class Seq2SeqObjective(Objective):
 
     def __init__(self, cfg: TrainConfig):
         if cfg.freeze not in FREEZE_MODES:
-            raise ValueError(f"unknown freeze {cfg.freeze!r}; expected one of {', '.join(FREEZE_MODES)}")
+            raise unknown("freeze", cfg.freeze, FREEZE_MODES)
         self.cfg = cfg
         self.dump = None
 
@@ -126,9 +126,7 @@ class Seq2SeqObjective(Objective):
             self.valid_chars = sum(len(t) for t in targets)
             if cfg.baselines and trainer.is_main:
                 self.baselines = char_baselines(cfg.train_file, targets, trainer.out)
-        ga = max(1, cfg.gradient_accumulation_steps)
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else \
-            max(1, int(math.ceil(cfg.epochs * self.batches.batches_per_epoch / ga)))
+        self.total_steps = planned_steps(cfg, self.batches.batches_per_epoch)
 
     def module(self):
         return TargetLoss(self.model)
@@ -419,10 +417,8 @@ def hf_train(cfg: TrainConfig, reference_settings: bool = False, group_by_length
     if reference_settings:
         args.update(optim="adafactor", lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps)
     else:
-        train_len = None if cfg.streaming else len(train_ds)
-        per_epoch = None if train_len is None else math.ceil(train_len / cfg.batch_size_per_gpu)
-        total = cfg.max_steps if cfg.max_steps > 0 else \
-            max(1, math.ceil(cfg.epochs * per_epoch / max(1, cfg.gradient_accumulation_steps)))
+        per_epoch = None if cfg.streaming else math.ceil(len(train_ds) / cfg.batch_size_per_gpu)
+        total = planned_steps(cfg, per_epoch)
         opt = build_optimizer(cfg, model)
         optimizers = (opt, build_scheduler(cfg, opt, total))
     import inspect
