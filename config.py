@@ -472,7 +472,8 @@ class PipelineConfig:
 
 
 # The `cpu` profile's model (the study's `tiny_heads_8`): d_model 128, 2+2 layers, 8 heads of 16, ~2M parameters with
-# 8,192 tokens. 8 heads match 4x32 in held-out bpc at equal time and learn to copy sooner (bench/bench_copy.py).
+# 8,192 tokens. 8 heads match 4x32 in held-out bpc at equal time; both cross the copy transition at the same update
+# on natural text (bench/bench_copy.py).
 CPU_MODEL = dict(d_model=128, num_layers=2, num_decoder_layers=2, num_heads=8, d_kv=16, d_ff=512)
 
 # Both DuIE training files of ../shared/data (8,398 sentences); the dev file is never trained on.

@@ -1,7 +1,7 @@
 """One command from raw data to a chat model, with a report card.
 
     python pipeline.py --profile demo          # embedded demo data, tiny model, < 10 min on 2 cores (make demo)
-    python pipeline.py --profile cpu           # all of ../shared/data, small model, ~1.5 h on 2 cores
+    python pipeline.py --profile cpu           # all of ../shared/data, 2M model, about an hour on 2 cores (56 min measured)
     python pipeline.py --profile gpu           # the reference's base model and batch sizes, 1-2 GPUs
     python pipeline.py --profile demo --force sft,dpo     # redo some stages
     python pipeline.py --profile cpu --only report        # rebuild the report card only

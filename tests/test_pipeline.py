@@ -77,6 +77,21 @@ def test_pipeline_stage_list_and_unknown_stage(tmp_path):
         pipeline.main(profile="demo", only="nope", root=str(tmp_path / "root"))
 
 
+def test_cpu_profile_pretrains_from_its_copy_warmup(tmp_path):
+    import pipeline
+    root = tmp_path / "root"
+    cfg = make_config(PipelineConfig, "cpu", PIPELINE_PROFILES, root=str(root))
+    stages = {s.name: s for s in pipeline.build_stages(cfg)}
+    names = list(stages)
+    assert names.index("tokenizer") < names.index("copy_warmup") < names.index("pretrain")
+    warm = " ".join(stages["copy_warmup"].commands[0])
+    assert "--text_mode=copy" in warm and f"--output_dir={root / 'copy_warmup'}" in warm
+    assert "my_text_dataset.parquet " in warm + " " and "my_train_dataset" not in warm  # prose only
+    assert f"--init_from={root / 'copy_warmup'}" in " ".join(stages["pretrain"].commands[0])
+    demo = make_config(PipelineConfig, "demo", PIPELINE_PROFILES, root=str(tmp_path / "demo"))
+    assert "copy_warmup" not in [s.name for s in pipeline.build_stages(demo)]
+
+
 def _flag_names(cmd: list[str]) -> set[str]:
     return {a[2:].split("=", 1)[0] for a in cmd if a.startswith("--")}
 
