@@ -10,9 +10,11 @@ through
 * ``hf_reordered``: the same, each batch's rows in reverse order: identical mathematics, another float
   summation order. Its distance to ``hf`` is the band that rounding alone opens; ``ours`` must stay within
   three times it (plus 1e-4 for the last digits of the loss itself);
-* ``ours_packed``: train.py with ``--packing``: other batches (several examples per row), compared at equal
-  training target tokens against ``ours`` interpolated, within three times the spread that another data order
-  opens (``ours_seed2``: the same run with another data seed), since packing also changes the data order.
+* ``ours_packed``: train.py with ``--packing``: several examples per row, so about twice the examples per update
+  and another data order. It is a different run, not the same one summed differently, so it is reported, not
+  judged: its distance at equal training target tokens to ``ours``, beside the spread another data order alone
+  opens (``ours_seed2``). That a packed batch's loss equals its examples' losses unpacked is checked exactly in
+  tests/test_packing.py.
 
 Held-out loss: summed target-token cross-entropy over the valid split's targets / their token count, for every
 run by the same function at the same updates. Seq2SeqTrainer's own ``eval_loss`` averages per-batch means
@@ -22,7 +24,8 @@ accumulation equals ours.
     python bench/bench_parity.py            # the `cpu` profile's model and data, 300 updates, held-out loss every 50
     python bench/bench_parity.py --quick    # 100 updates, every 25
 
-Last line: {"bench": "parity", "ratio": hf final held-out loss / ours, "within_band": bool, ...}.
+Last line: {"bench": "parity", "ratio": hf final held-out loss / ours, "within_band": ours vs hf within the
+rounding band, ...}.
 """
 from __future__ import annotations
 
@@ -149,8 +152,7 @@ def compare(runs: dict) -> dict:
             ev = sorted(runs["ours"]["curve"])
             diffs.append(abs(v - float(np.interp(at, ev, [runs["ours"]["curve"][e] for e in ev]))))
         out.update(data_band=data_band, packed_vs_unpacked=max(diffs) if diffs else None,
-                   packed_points=len(diffs),
-                   packed_within_band=bool(diffs) and max(diffs) <= 3 * data_band + 1e-4)
+                   packed_points=len(diffs))
     return out
 
 
@@ -215,7 +217,7 @@ def main(quick: bool = False, steps: int = 0, every: int = 0, data: str = "", to
         print(f"{s:>6d} " + " ".join(f"{runs[n]['curve'].get(s, float('nan')):>13.5f}" for n in names))
     final = max(runs["ours"]["curve"])
     summary = {"bench": "parity", "ratio": round(runs["hf"]["curve"][final] / runs["ours"]["curve"][final], 6),
-               "within_band": bool(res["hf_within_band"] and res.get("packed_within_band", True)),
+               "within_band": bool(res["hf_within_band"]),
                "final_loss": {n: round(r["curve"][max(r["curve"])], 5) for n, r in runs.items()},
                "seconds": {n: r["seconds"] for n, r in runs.items()}, "steps": steps, "every": every,
                **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in res.items() if k != "steps_compared"}}
