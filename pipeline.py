@@ -34,7 +34,7 @@ from rich.console import Console
 from config import (PIPELINE_PROFILES, TRAIN_PRESETS, InferConfig, PipelineConfig, dry_run_profile, make_config,
                     run_cli)
 from eval.report_card import write_report_card
-from model.quality import distinct_n, is_degenerate, top_token_share
+from model.quality import copy_onset, distinct_n, is_degenerate, top_token_share
 
 PY = [sys.executable]
 console = Console()
@@ -183,7 +183,7 @@ def trainer_figures(out_dir: Path) -> dict:
     copies = [r for r in evals if "eval_copy_loss" in r]
     if copies:  # the held-out copy figures; the onset is the first evaluation whose copy loss is below 1 nat
         out.update(eval_copy_loss=copies[-1]["eval_copy_loss"], eval_copy_rate=copies[-1]["eval_copy_rate"],
-                   copy_onset_eval_step=next((r["step"] for r in copies if r["eval_copy_loss"] < 1.0), None))
+                   copy_onset_eval_step=copy_onset(copies))
     return {**out, "files": {"metrics": "metrics.jsonl"}}
 
 

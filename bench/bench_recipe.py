@@ -184,9 +184,10 @@ def main(quick: bool = False, budget_s: float = 0, only: str | tuple = "", out: 
                "baseline_bigram_bpc": r["baseline_bigram_bpc"]}
         if "eval_copy_loss" in r:
             from model.logging_utils import read_jsonl
+            from model.quality import copy_onset
             evals = [x for x in read_jsonl(out_p / name / "metrics.jsonl") if "eval_copy_loss" in x]
             row.update(copy_loss=round(r["eval_copy_loss"], 4), copy_rate=round(r["eval_copy_rate"], 4),
-                       copy_onset_eval_step=next((x["step"] for x in evals if x["eval_copy_loss"] < 1.0), None),
+                       copy_onset_eval_step=copy_onset(evals),
                        copy_curve=[[x["step"], round(x["eval_copy_loss"], 3), round(x["eval_copy_rate"], 3)]
                                    for x in evals])
         results.append(row)

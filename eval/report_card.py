@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from model.logging_utils import read_jsonl
+from model.quality import COPY_ONSET_NATS, copy_onset
 from model.training.plots import plot_curves
 
 VERSIONS = ("torch", "transformers", "accelerate", "tokenizers", "peft", "datasets", "pyarrow")
@@ -271,21 +272,20 @@ def copy_section(summaries: dict, plots: Path) -> str:
     for stage in ("copy_warmup", "pretrain", "sft"):
         m = _metrics_file(summaries, stage)
         if m is not None:
-            pts = [(r["step"], r["eval_copy_loss"], r["eval_copy_rate"]) for r in read_jsonl(m)
-                   if "eval_copy_loss" in r]
-            if pts:
-                curves[stage] = pts
+            rows = [r for r in read_jsonl(m) if "eval_copy_loss" in r]
+            if rows:
+                curves[stage] = rows
     if not curves:
         return ""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for stage, pts in curves.items():
-        steps = [p[0] for p in pts]
-        a.plot(steps, [p[1] for p in pts], marker=".", label=stage)
-        b.plot(steps, [p[2] for p in pts], marker=".", label=stage)
-    a.axhline(1.0, color="black", ls=":", label="onset (1 nat)")
+    for stage, rows in curves.items():
+        steps = [r["step"] for r in rows]
+        a.plot(steps, [r["eval_copy_loss"] for r in rows], marker=".", label=stage)
+        b.plot(steps, [r["eval_copy_rate"] for r in rows], marker=".", label=stage)
+    a.axhline(COPY_ONSET_NATS, color="black", ls=":", label=f"onset ({COPY_ONSET_NATS:g} nat)")
     a.set_title("held-out copy loss (nats/token)")
     b.set_title("held-out exact copy rate")
     _save_axes(fig, (a, b), plots / "copy.png")
@@ -293,11 +293,11 @@ def copy_section(summaries: dict, plots: Path) -> str:
              "targets of the valid split (cut to the copy length): copy loss in nats per token, and the share "
              "reproduced exactly by greedy decoding. The onset is the first evaluation whose copy loss is below "
              "1 nat.\n"]
-    for stage, pts in curves.items():
-        onset = next((s for s, loss, _ in pts if loss < 1.0), None)
-        parts.append(f"- {stage}: onset at step {_fmt(onset)}; final copy loss {_fmt(pts[-1][1])}, exact copy "
-                     f"rate {_fmt(pts[-1][2])}\n\n"
-                     + _table(["step", "copy loss", "copy rate"], [[s, _fmt(l), _fmt(r)] for s, l, r in pts]))
+    for stage, rows in curves.items():
+        parts.append(f"- {stage}: onset at step {_fmt(copy_onset(rows))}; final copy loss "
+                     f"{_fmt(rows[-1]['eval_copy_loss'])}, exact copy rate {_fmt(rows[-1]['eval_copy_rate'])}\n\n"
+                     + _table(["step", "copy loss", "copy rate"],
+                              [[r["step"], _fmt(r["eval_copy_loss"]), _fmt(r["eval_copy_rate"])] for r in rows]))
     return "\n\n".join(parts) + "\n\n![copy](plots/copy.png)\n"
 
 

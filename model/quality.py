@@ -18,7 +18,7 @@ the fair versions too.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -121,3 +121,11 @@ def distinct_n(answers: Sequence[Sequence[int]], n: int = 2) -> float:
     """Distinct n-grams / all n-grams over a set of answers (token ids): 1.0 means nothing repeats."""
     grams = [tuple(a[i:i + n]) for a in answers for i in range(len(a) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+COPY_ONSET_NATS = 1.0  # the copy onset: the first point at which the copy loss is below this (DESIGN.md)
+
+
+def copy_onset(rows: Sequence[dict]) -> Optional[int]:
+    """The step of the first metrics row whose held-out copy loss is below ``COPY_ONSET_NATS`` (None: never)."""
+    return next((r["step"] for r in rows if r.get("eval_copy_loss", float("inf")) < COPY_ONSET_NATS), None)

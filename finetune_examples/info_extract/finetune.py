@@ -122,9 +122,8 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
         print(f"time budget {time_budget_min} min: {per_step:.3f} s/step measured, "
               f"training {settings['max_steps']} steps")
     curve_file = paths.get("dev") if curve_points > 0 and dev_file and not skip_eval else None
-    if curve_file:
-        settings["eval_steps"] = max(1, settings["max_steps"] // curve_points) if settings.get("max_steps", -1) > 0 \
-            else settings.get("eval_steps", 0)
+    if curve_file and settings.get("max_steps", -1) > 0:
+        settings["eval_steps"] = max(1, settings["max_steps"] // curve_points)
     cfg = train_config(None, valid_file=paths.get("valid"), output_dir=str(out), **common, **settings)
     result["train"] = run(cfg, ExtractionObjective(cfg, curve_file, eval_limit, max_new_tokens))
     if curve_file:

@@ -120,7 +120,7 @@ class Seq2SeqObjective(Objective):
                                            cfg.eval_max_target_len or cfg.max_target_len, cfg.text_mode,
                                            cfg.noise_density, cfg.mean_noise_span_length, seed=cfg.seed,
                                            max_samples=cfg.max_eval_samples, copy_max_len=cfg.copy_max_len)
-            self.copy_rows = copy_rows([ds_pair[1] for ds_pair in map(self.valid.pair, self.valid._keys0)],
+            self.copy_rows = copy_rows([self.valid.pair(k)[1] for k in self.valid._keys0[: cfg.copy_eval_samples]],
                                        cfg.copy_eval_samples, cfg.copy_max_len)
             targets = self.valid_target_texts()
             self.valid_chars = sum(len(t) for t in targets)
