@@ -489,7 +489,8 @@ PIPELINE_PROFILES: dict[str, dict[str, Any]] = {
         tokenizer=dict(vocab_size=8192, token_type="char"),
         pretrain_stage="pretrain", sft_stage="sft", sft_from_pretrain=True, use_dpo_model=True,
         # copying first (docs/recipe.md "Copying"): mixed into pretraining alone (prefix:1+copy:1, 4,000 updates)
-        # it never crossed; on its own it crosses after about 2,000 updates at a steady 2e-3
+        # it did not cross within those cosine-decayed updates; on its own it crosses after about 2,000 updates at a
+        # steady 2e-3
         copy_warmup=dict(max_steps=3000, batch_size_per_gpu=16, learning_rate=2e-3, lr_scheduler="constant",
                          warmup_steps=200, max_source_len=128, max_target_len=128, copy_max_len=64, save_steps=1000,
                          eval_steps=250, max_eval_samples=512, copy_eval_samples=128, bleu_samples=0),
