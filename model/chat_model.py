@@ -111,12 +111,14 @@ class TextToTextModel(T5ForConditionalGeneration):
     @torch.no_grad()
     def my_generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                     max_seq_len: int = 256, search_type: str = "greedy", streamer=None,
-                    **kwargs) -> torch.Tensor:
+                    logits_processor=None, **kwargs) -> torch.Tensor:
         """Generate responses; returns decoder ids starting with the decoder start token (``[PAD]``).
 
         ``streamer`` (e.g. ``TextIteratorStreamer``) receives tokens as they are produced; use one per request.
         Extra kwargs: ``num_beams``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
         ``no_repeat_ngram_size``, ``penalty_alpha`` and ``contrastive_top_k`` (contrastive search).
+        ``logits_processor`` (a ``LogitsProcessorList``) masks or reweights tokens in greedy, beam and sampling
+        search, e.g. the triple-extraction constraint.
         """
         gen_cfg = self.generation_kwargs(search_type, max_seq_len, **kwargs)
         if attention_mask is None:
@@ -124,6 +126,8 @@ class TextToTextModel(T5ForConditionalGeneration):
         if streamer is not None and input_ids.shape[0] != 1:
             raise ValueError("streaming supports one prompt at a time (batch size 1)")
         if search_type == "contrastive":
+            if logits_processor:
+                raise ValueError("logits_processor works with greedy, beam and sampling search, not contrastive")
             return self._contrastive_search(
                 input_ids, attention_mask, max_new_tokens=max_seq_len,
                 penalty_alpha=kwargs.get("penalty_alpha", 0.6), top_k=kwargs.get("contrastive_top_k", 4),
@@ -131,14 +135,15 @@ class TextToTextModel(T5ForConditionalGeneration):
                 no_repeat_ngram_size=kwargs.get("no_repeat_ngram_size") or 0, streamer=streamer)
         if search_type == "beam" and streamer is not None:
             # transformers cannot stream beams (the best beam is known only at the end): stream the result.
-            out = self.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
+            out = self.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg,
+                                logits_processor=logits_processor)
             streamer.put(out[:, :1].cpu())
             for t in out[0, 1:]:
                 streamer.put(t.view(1).cpu())
             streamer.end()
             return out
         return self.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg,
-                             streamer=streamer)
+                             streamer=streamer, logits_processor=logits_processor)
 
     def _contrastive_search(self, input_ids, attention_mask, max_new_tokens: int, penalty_alpha: float,
                             top_k: int, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,

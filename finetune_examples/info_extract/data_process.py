@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import pandas as pd
 from rich.console import Console
 
+from finetune_examples.info_extract.augment import augment
 from model.data.sources import iter_records as iter_any_records
 from model.tokenizer.build import load_tokenizer
 
@@ -148,21 +149,28 @@ def read_ie_file(path: str | Path, stats: Optional[ReadStats] = None,
 def to_frame(path: str | Path, stats: Optional[ReadStats] = None, keep_empty: bool = False,
              tokenizer=None, max_source_len: Optional[int] = None,
              max_target_len: Optional[int] = None) -> pd.DataFrame:
-    """prompt/response rows; with a tokenizer, rows longer than the token limits are dropped (and counted).
+    """prompt/response rows; with a tokenizer, rows longer than the token limits are dropped (and counted)."""
+    stats = stats if stats is not None else ReadStats()
+    return pairs_frame(read_ie_file(path, stats, keep_empty), stats, str(path), tokenizer, max_source_len,
+                       max_target_len)
+
+
+def pairs_frame(pairs: Iterable[tuple[str, list[Triple]]], stats: ReadStats, where: str, tokenizer=None,
+                max_source_len: Optional[int] = None, max_target_len: Optional[int] = None) -> pd.DataFrame:
+    """prompt/response rows from (text, triples) pairs, dropping (and counting) rows over the token limits.
 
     Dropping beats truncating here: a cut response teaches the model to stop mid-triple.
     """
-    stats = stats if stats is not None else ReadStats()
     rows = []
-    for text, triples in read_ie_file(path, stats, keep_empty):
+    for text, triples in pairs:
         prompt, response = make_prompt(text), format_triples(triples)
         if tokenizer is not None:
             if max_source_len and len(tokenizer(prompt)["input_ids"]) > max_source_len:
-                stats.skip(f"prompt over {max_source_len} tokens", str(path))
+                stats.skip(f"prompt over {max_source_len} tokens", where)
                 stats.kept -= 1
                 continue
             if max_target_len and len(tokenizer(response)["input_ids"]) > max_target_len:
-                stats.skip(f"response over {max_target_len} tokens", str(path))
+                stats.skip(f"response over {max_target_len} tokens", where)
                 stats.kept -= 1
                 continue
         rows.append({"prompt": prompt, "response": response})
@@ -181,10 +189,13 @@ def report(stats: ReadStats, name: str) -> str:
 
 def process(train_file: str, dev_file: Optional[str] = None, out_dir: str = "data/generated/ie",
             tokenizer_dir: Optional[str] = None, max_source_len: int = 256, max_target_len: int = 256,
-            valid_size: int = 200, keep_empty: bool = False, seed: int = 23333) -> dict[str, str]:
+            valid_size: int = 200, keep_empty: bool = False, seed: int = 23333,
+            augment_copies: int = 0) -> dict[str, str]:
     """Write ``train.parquet``, ``valid.parquet`` (held out from train) and ``dev.parquet`` (the test set).
 
     The dev file stays untouched for the final P/R/F1; ``valid.parquet`` is what the trainer watches.
+    ``augment_copies`` adds that many entity-swapped versions of each training sentence (``augment.py``),
+    built from the training part only, so nothing of valid or dev leaks in.
     """
     console = Console()
     tok = None
@@ -200,7 +211,12 @@ def process(train_file: str, dev_file: Optional[str] = None, out_dir: str = "dat
     df = df.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     n_valid = min(valid_size, len(df) // 10) if valid_size > 0 else 0
     paths = {"train": out / "train.parquet"}
-    df.iloc[n_valid:].to_parquet(paths["train"], index=False)
+    train = df.iloc[n_valid:]
+    if augment_copies > 0:
+        train = pd.concat([train, swapped_rows(train_file, set(train["prompt"]), augment_copies, seed, tok,
+                                               max_source_len, max_target_len, console)], ignore_index=True)
+        train = train.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    train.to_parquet(paths["train"], index=False)
     if n_valid:
         paths["valid"] = out / "valid.parquet"
         df.iloc[:n_valid].to_parquet(paths["valid"], index=False)
@@ -213,6 +229,18 @@ def process(train_file: str, dev_file: Optional[str] = None, out_dir: str = "dat
         dev.to_parquet(paths["dev"], index=False)
     console.print("wrote " + ", ".join(f"{k}: {p}" for k, p in paths.items()))
     return {k: str(v) for k, v in paths.items()}
+
+
+def swapped_rows(train_file: str, prompts: set[str], copies: int, seed: int, tokenizer, max_source_len: int,
+                 max_target_len: int, console: Console) -> pd.DataFrame:
+    """Entity-swapped rows of the training sentences whose prompts are in ``prompts`` (the training part)."""
+    pairs = [(t, tr) for t, tr in read_ie_file(train_file) if make_prompt(t) in prompts]
+    swapped, failed = augment(pairs, copies, seed)
+    stats = ReadStats(rows=len(swapped), kept=len(swapped))
+    rows = pairs_frame(swapped, stats, "entity swaps", tokenizer, max_source_len, max_target_len)
+    console.print(f"entity swaps: {len(rows):,} rows added ({copies} per sentence; {failed:,} found no clean "
+                  f"renaming, {len(swapped) - len(rows):,} over the token limits)")
+    return rows
 
 
 def main(**kw) -> None:

@@ -21,8 +21,11 @@ import pandas as pd
 import torch
 from rich.progress import Progress
 
-from config import PAD_ID, PROJECT_ROOT
-from finetune_examples.info_extract.data_process import format_triples, make_prompt, read_ie_file
+from transformers import LogitsProcessorList
+
+from config import EOS_ID, PAD_ID, PROJECT_ROOT
+from finetune_examples.info_extract.constrained import TripleConstraint, token_pieces
+from finetune_examples.info_extract.data_process import PROMPT_PREFIX, format_triples, make_prompt, read_ie_file
 from model.data.checkpoint import load_model_folder
 
 Triple = tuple[str, str, str]
@@ -135,14 +138,28 @@ def score_texts(predictions: Sequence[str], references: Sequence[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- generation
+def source_sentence(tokenizer, ids: list[int]) -> str:
+    """The sentence as the model reads it (decoded source, prompt prefix removed): spans are copied from this."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text[len(PROMPT_PREFIX):] if text.startswith(PROMPT_PREFIX) else text
+
+
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max_new_tokens: int = 128,
-                       max_source_len: int = 256, search_type: str = "greedy", progress: bool = True) -> list[str]:
-    """Batched generation through ``my_generate``; prompts sorted by length so batches carry little padding."""
+                       max_source_len: int = 256, search_type: str = "greedy", progress: bool = True,
+                       constrained: bool = False, predicates: Optional[Iterable[str]] = None,
+                       num_beams: int = 4) -> list[str]:
+    """Batched generation through ``my_generate``; prompts sorted by length so batches carry little padding.
+
+    ``constrained`` applies ``TripleConstraint``: spans from the sentence, predicates from ``predicates`` (any
+    text where None), no repeated triple.
+    """
     device = next(model.parameters()).device
     model.eval()
     enc = [tokenizer(p, truncation=True, max_length=max_source_len)["input_ids"] for p in prompts]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    pieces = token_pieces(tokenizer) if constrained else None
+    beams = num_beams if search_type == "beam" else 1
     out: list[str] = [""] * len(enc)
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("extracting", total=len(enc))
@@ -153,8 +170,12 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], batch_size: int
             for r, i in enumerate(idx):
                 ids[r, : len(enc[i])] = torch.tensor(enc[i])
             mask = (ids != PAD_ID).long()
+            processors = None
+            if constrained:
+                processors = LogitsProcessorList([TripleConstraint(
+                    [source_sentence(tokenizer, enc[i]) for i in idx], pieces, EOS_ID, predicates, beams)])
             gen = model.my_generate(ids.to(device), mask.to(device), max_seq_len=max_new_tokens,
-                                    search_type=search_type)
+                                    search_type=search_type, num_beams=beams, logits_processor=processors)
             for r, text in enumerate(tokenizer.batch_decode(gen, skip_special_tokens=True)):
                 out[idx[r]] = text.strip()
             bar.advance(task, len(idx))
@@ -182,8 +203,13 @@ def evaluate(model_dir: str = "model_save/ie", test_file: str = "data/generated/
              batch_size: int = 32, max_new_tokens: int = 128, max_source_len: int = 256,
              search_type: str = "greedy", limit: Optional[int] = None, out_file: Optional[str] = None,
              num_threads: int = 2, device: str = "auto", model=None, tokenizer=None,
-             progress: bool = True) -> dict:
-    """Generate for every test prompt, parse, score; writes predictions (JSON lines) next to the model."""
+             progress: bool = True, constrained: bool = False, predicates_from: Optional[str] = None,
+             num_beams: int = 4) -> dict:
+    """Generate for every test prompt, parse, score; writes predictions (JSON lines) next to the model.
+
+    ``constrained`` decodes under ``TripleConstraint``, with the predicates of ``predicates_from`` (a training
+    file: parquet or raw DuIE/SKE) where given; the test file's own references never choose them.
+    """
     torch.set_num_threads(max(1, num_threads))
     if model is None or tokenizer is None:
         md = Path(model_dir)
@@ -193,8 +219,11 @@ def evaluate(model_dir: str = "model_save/ie", test_file: str = "data/generated/
     prompts, refs = load_test_file(test_file, limit)
     if not prompts:
         raise ValueError(f"{test_file}: no test rows")
+    predicates = None
+    if constrained and predicates_from:
+        predicates = known_predicates(load_test_file(predicates_from)[1])
     preds = generate_responses(model, tokenizer, prompts, batch_size, max_new_tokens, max_source_len,
-                               search_type, progress)
+                               search_type, progress, constrained, predicates, num_beams)
     scores = score_texts(preds, refs)
     if out_file is None and model_dir:
         out_file = str(Path(model_dir) / "ie_predictions.jsonl")

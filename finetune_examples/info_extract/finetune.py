@@ -43,9 +43,11 @@ class ExtractionObjective(Seq2SeqObjective):
     ``curve_limit`` sentences, so metrics.jsonl holds an F1-versus-updates curve (main process only: the
     generation needs no other rank)."""
 
-    def __init__(self, cfg, curve_file: Optional[str], curve_limit: Optional[int], max_new_tokens: int):
+    def __init__(self, cfg, curve_file: Optional[str], curve_limit: Optional[int], max_new_tokens: int,
+                 constrained: bool = False):
         super().__init__(cfg)
         self.curve_file, self.curve_limit, self.max_new_tokens = curve_file, curve_limit, max_new_tokens
+        self.constrained = constrained
         if not cfg.valid_file:
             self.best_metric = None  # no eval loss to pick a best model by; the F1 curve alone
 
@@ -57,7 +59,7 @@ class ExtractionObjective(Seq2SeqObjective):
             dev = evaluate("", self.curve_file, batch_size=self.cfg.eval_batch_size, limit=self.curve_limit,
                            max_new_tokens=self.max_new_tokens, max_source_len=self.cfg.max_source_len,
                            num_threads=self.cfg.num_threads or 2, model=model, tokenizer=self.tokenizer,
-                           progress=False)
+                           progress=False, constrained=self.constrained, predicates_from=self.cfg.train_file)
             model.train()
             metrics.update(dev_f1=dev["f1"], dev_precision=dev["precision"], dev_recall=dev["recall"],
                            dev_sentences=dev["sentences"], dev_eval_s=round(time.perf_counter() - t, 1))
@@ -79,7 +81,8 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
              data_dir: str = "data/generated/ie", output_dir: str = "model_save/ie", valid_size: int = 200,
              eval_limit: Optional[int] = None, eval_batch_size: int = 32, max_new_tokens: int = 128,
              skip_eval: bool = False, time_budget_min: Optional[float] = None, probe_steps: int = 24,
-             curve_points: int = 0, progress: bool = True, **train_overrides) -> dict:
+             curve_points: int = 0, augment_copies: int = 0, constrained: bool = False, progress: bool = True,
+             **train_overrides) -> dict:
     """Process, train, evaluate; returns {'train': trainer figures, 'dev': P/R/F1, ...}.
 
     ``time_budget_min`` (without ``max_steps``) fits the run into a wall-clock budget: a ``probe_steps`` run
@@ -89,6 +92,9 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
     ``curve_points`` > 0 evaluates dev F1 (on the ``eval_limit`` sentences) that many times during training, at
     even intervals: the F1-versus-updates curve lands in metrics.jsonl and ie_scores.json. Those evaluations
     are paid on top of the time budget.
+
+    ``augment_copies`` adds entity-swapped copies of each training sentence (``augment.py``); ``constrained``
+    decodes every dev evaluation under ``TripleConstraint`` (spans from the sentence, predicates from training).
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     out = Path(output_dir)
@@ -105,7 +111,7 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
         settings["learning_rate"] = 1e-4  # a pretrained model needs a gentler step than a fresh one
     paths = process(train_file, dev_file, data_dir, tokenizer_dir=tok_dir,
                     max_source_len=settings["max_source_len"], max_target_len=settings["max_target_len"],
-                    valid_size=valid_size)
+                    valid_size=valid_size, augment_copies=augment_copies)
     common = dict(train_file=paths["train"], init_from=init_from, is_finetune=bool(init_from),
                   tokenizer_dir=tok_dir, preset=preset, show_progress=progress)
     result: dict = {"data": paths}
@@ -125,7 +131,7 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
     if curve_file and settings.get("max_steps", -1) > 0:
         settings["eval_steps"] = max(1, settings["max_steps"] // curve_points)
     cfg = train_config(None, valid_file=paths.get("valid"), output_dir=str(out), **common, **settings)
-    result["train"] = run(cfg, ExtractionObjective(cfg, curve_file, eval_limit, max_new_tokens))
+    result["train"] = run(cfg, ExtractionObjective(cfg, curve_file, eval_limit, max_new_tokens, constrained))
     if curve_file:
         result["f1_curve"] = [[r["step"], r["dev_f1"]] for r in read_jsonl(out / "metrics.jsonl") if "dev_f1" in r]
     result["train_minutes"] = round((time.perf_counter() - t0) / 60, 2)  # wall clock, data and probe included
@@ -134,7 +140,8 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
         t1 = time.perf_counter()
         result["dev"] = evaluate(str(out), paths["dev"], batch_size=eval_batch_size, max_new_tokens=max_new_tokens,
                                  max_source_len=settings["max_source_len"], limit=eval_limit,
-                                 num_threads=settings.get("num_threads") or 2, progress=progress)
+                                 num_threads=settings.get("num_threads") or 2, progress=progress,
+                                 constrained=constrained, predicates_from=paths["train"])
         result["eval_minutes"] = round((time.perf_counter() - t1) / 60, 2)
         (out / "ie_scores.json").write_text(json.dumps(result, ensure_ascii=False, indent=1, default=str),
                                             encoding="utf-8")
