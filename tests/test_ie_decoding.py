@@ -9,7 +9,7 @@ import torch
 from config import EOS_ID
 from finetune_examples.info_extract.augment import augment, role_pools, swap_entities
 from finetune_examples.info_extract.constrained import STRUCTURE, Grammar, State, TripleConstraint, token_pieces
-from finetune_examples.info_extract.data_process import make_prompt
+from finetune_examples.info_extract.data_process import in_sentence_order, make_prompt
 from finetune_examples.info_extract.evaluate import source_sentence, generate_responses
 from model.data.checkpoint import load_model_folder
 
@@ -130,3 +130,11 @@ def test_augment_counts_what_it_leaves_out_and_repeats_with_its_seed():
     for text, triples in out:
         for s, _, o in triples:
             assert s in text and o in text
+
+
+def test_sentence_order_sorts_by_where_subject_then_object_first_appear():
+    text = "《花千骨》作者fresh果果，《琅琊榜》作者海宴，花千骨主演霍建华"
+    triples = [("琅琊榜", "作者", "海宴"), ("花千骨", "主演", "霍建华"), ("花千骨", "作者", "fresh果果"),
+               ("不在句中", "作者", "某人")]
+    assert in_sentence_order(text, triples) == [("花千骨", "作者", "fresh果果"), ("花千骨", "主演", "霍建华"),
+                                                ("琅琊榜", "作者", "海宴"), ("不在句中", "作者", "某人")]

@@ -81,7 +81,8 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
              data_dir: str = "data/generated/ie", output_dir: str = "model_save/ie", valid_size: int = 200,
              eval_limit: Optional[int] = None, eval_batch_size: int = 32, max_new_tokens: int = 128,
              skip_eval: bool = False, time_budget_min: Optional[float] = None, probe_steps: int = 24,
-             curve_points: int = 0, augment_copies: int = 0, constrained: bool = False, progress: bool = True,
+             curve_points: int = 0, augment_copies: int = 0, sentence_order: bool = False,
+             constrained: bool = False, progress: bool = True,
              **train_overrides) -> dict:
     """Process, train, evaluate; returns {'train': trainer figures, 'dev': P/R/F1, ...}.
 
@@ -93,8 +94,10 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
     even intervals: the F1-versus-updates curve lands in metrics.jsonl and ie_scores.json. Those evaluations
     are paid on top of the time budget.
 
-    ``augment_copies`` adds entity-swapped copies of each training sentence (``augment.py``); ``constrained``
-    decodes every dev evaluation under ``TripleConstraint`` (spans from the sentence, predicates from training).
+    ``augment_copies`` adds entity-swapped copies of each training sentence (``augment.py``);
+    ``sentence_order`` writes the training responses in sentence order (``data_process.in_sentence_order``);
+    ``constrained`` decodes every dev evaluation under ``TripleConstraint`` (spans from the sentence, predicates
+    from training).
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
     out = Path(output_dir)
@@ -111,7 +114,7 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
         settings["learning_rate"] = 1e-4  # a pretrained model needs a gentler step than a fresh one
     paths = process(train_file, dev_file, data_dir, tokenizer_dir=tok_dir,
                     max_source_len=settings["max_source_len"], max_target_len=settings["max_target_len"],
-                    valid_size=valid_size, augment_copies=augment_copies)
+                    valid_size=valid_size, augment_copies=augment_copies, sentence_order=sentence_order)
     common = dict(train_file=paths["train"], init_from=init_from, is_finetune=bool(init_from),
                   tokenizer_dir=tok_dir, preset=preset, show_progress=progress)
     result: dict = {"data": paths}
