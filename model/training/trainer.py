@@ -362,23 +362,9 @@ def char_baselines(train_file: str, targets: list[str], out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------- transformers' Seq2SeqTrainer
-def hf_train(cfg: TrainConfig, reference_settings: bool = False, group_by_length: Optional[bool] = None,
-             resume_from_checkpoint=None, report_to: Optional[str] = None, callbacks=None,
-             data_collator=None) -> dict:
-    """The same stage through ``Seq2SeqTrainer``: same dataset, collator, model code and (unless
-    ``reference_settings``) the same optimizer and LR schedule as :func:`train`.
-
-    ``reference_settings=True`` reproduces the reference's HF scripts for comparison: Adafactor, linear
-    schedule, random sampling (no length grouping) unless ``group_by_length`` says otherwise.
-    """
-    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
-    from model.data.dataset import Seq2SeqCollator, StreamingTextToText, TextToTextDataset
-
-    if cfg.num_threads and cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
-    torch.manual_seed(cfg.seed)
-    tokenizer, model = load_tokenizer_and_model(cfg)
-    info = apply_freeze(model, cfg.freeze)
+def _hf_datasets(cfg: TrainConfig, tokenizer):
+    """(training set, validation set or None) for the Seq2SeqTrainer path: the datasets ``train`` reads."""
+    from model.data.dataset import StreamingTextToText, TextToTextDataset
     common = dict(max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len, text_mode=cfg.text_mode,
                   noise_density=cfg.noise_density, mean_noise_span_length=cfg.mean_noise_span_length,
                   copy_max_len=cfg.copy_max_len)
@@ -389,14 +375,16 @@ def hf_train(cfg: TrainConfig, reference_settings: bool = False, group_by_length
         train_ds = TextToTextDataset(cfg.train_file, tokenizer, seed=cfg.seed, **common)
     valid_ds = TextToTextDataset(cfg.valid_file, tokenizer, seed=cfg.seed, max_samples=cfg.max_eval_samples,
                                  **common) if cfg.valid_file else None
-    group = cfg.group_by_length if group_by_length is None else group_by_length
+    return train_ds, valid_ds
+
+
+def _hf_arguments(cfg: TrainConfig, has_valid: bool, group: bool, report_to: Optional[str]) -> dict:
+    """``Seq2SeqTrainingArguments`` fields from the stage config (intervals of 0 mean off, as in ``train``)."""
     mp = cfg.mixed_precision
     use_gpu = torch.cuda.is_available() and not cfg.cpu
     if mp == "auto":
         mp = "bf16" if use_gpu and torch.cuda.is_bf16_supported() else "no"
-    if cfg.max_steps <= 0 and cfg.streaming:
-        raise ValueError("streaming through transformers' Trainer needs --max_steps (the stream has no length)")
-    args = dict(
+    return dict(
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch_size_per_gpu,
         per_device_eval_batch_size=cfg.eval_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, num_train_epochs=cfg.epochs,
@@ -405,7 +393,7 @@ def hf_train(cfg: TrainConfig, reference_settings: bool = False, group_by_length
         logging_strategy="steps" if cfg.logging_steps > 0 else "no", logging_steps=max(1, cfg.logging_steps),
         save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(1, cfg.save_steps),
         save_total_limit=cfg.keep_last_n,
-        eval_strategy="steps" if valid_ds is not None and cfg.eval_steps > 0 else "no",
+        eval_strategy="steps" if has_valid and cfg.eval_steps > 0 else "no",
         eval_steps=max(1, cfg.eval_steps),
         bf16=mp == "bf16", fp16=mp == "fp16", use_cpu=not use_gpu,
         report_to=report_to or ("none" if cfg.log_with in (None, "", "none") else cfg.log_with),
@@ -413,6 +401,30 @@ def hf_train(cfg: TrainConfig, reference_settings: bool = False, group_by_length
         dataloader_num_workers=cfg.num_workers, disable_tqdm=not cfg.show_progress, save_safetensors=True,
         logging_dir=str(Path(cfg.output_dir) / "runs"),
     )
+
+
+def hf_train(cfg: TrainConfig, reference_settings: bool = False, group_by_length: Optional[bool] = None,
+             resume_from_checkpoint=None, report_to: Optional[str] = None, callbacks=None,
+             data_collator=None) -> dict:
+    """The same stage through ``Seq2SeqTrainer``: same dataset, collator, model code and (unless
+    ``reference_settings``) the same optimizer and LR schedule as :func:`train`.
+
+    ``reference_settings=True`` reproduces the reference's HF scripts for comparison: Adafactor, linear
+    schedule, random sampling (no length grouping) unless ``group_by_length`` says otherwise.
+    """
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+    from model.data.dataset import Seq2SeqCollator
+
+    if cfg.num_threads and cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    tokenizer, model = load_tokenizer_and_model(cfg)
+    info = apply_freeze(model, cfg.freeze)
+    train_ds, valid_ds = _hf_datasets(cfg, tokenizer)
+    group = cfg.group_by_length if group_by_length is None else group_by_length
+    if cfg.max_steps <= 0 and cfg.streaming:
+        raise ValueError("streaming through transformers' Trainer needs --max_steps (the stream has no length)")
+    args = _hf_arguments(cfg, valid_ds is not None, group, report_to)
     optimizers = (None, None)
     if reference_settings:
         args.update(optim="adafactor", lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps)
