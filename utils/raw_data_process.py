@@ -48,8 +48,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from model.data.sources import normalize_turns
+from model.prompt import join_history
 from utils.dedup import DropDatasetDuplicate, ExactDeduper
-from utils.readers import Bad, Rec, SourceFileError, conversation_to_pairs, get_reader, join_history, normalize_turns
+from utils.readers import Bad, Rec, SourceFileError, conversation_to_pairs, get_reader
 from utils.text_cleaning import CleanOptions, clean_text, split_sentences, title_desc_prompt
 
 __all__ = ["run_pipeline", "load_config", "PRESETS", "DROP_REASONS", "main"]
