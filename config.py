@@ -91,7 +91,6 @@ class LoopConfig:
     seed: int = 23333  # seed of weights, data order and dropout
     log_with: str = "tensorboard"  # tensorboard | none
     show_progress: bool = True  # rich progress bar
-    debug_signal: Optional[str] = None  # tests: "STEP:SIGNAME" sends that signal to this process after STEP
 
 
 @dataclass
@@ -134,7 +133,6 @@ class TrainConfig(LoopConfig):
     bleu_samples: int = 32  # validation prompts answered greedily for char BLEU (0: off)
     baselines: bool = True  # character unigram/bigram bpc of the held-out targets (model/quality.py)
     num_workers: int = 0  # (unused by the in-process loader; kept for the HF scripts)
-    debug_dump_samples: bool = False  # tests: each rank writes the keys of the samples it trained on
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -389,7 +387,7 @@ def config_help(cls, presets: Optional[dict] = None) -> str:
 def run_cli(main, default: str = "", **commands) -> None:
     """The command line of every top-level script: flags run ``main`` (``python train.py --max_steps=10``); a
     first word naming one of ``commands`` runs that one instead (``python dpo_train.py merge ...``). The word
-    ``default`` before the flags is accepted too (``python train.py train ...``, the older spelling)."""
+    ``default`` before the flags is accepted too (``python train.py train ...``)."""
     import sys
 
     import fire

@@ -34,6 +34,7 @@ from rich.console import Console
 from config import (PIPELINE_PROFILES, TRAIN_PRESETS, InferConfig, PipelineConfig, dry_run_profile, make_config,
                     run_cli)
 from eval.report_card import write_report_card
+from model.logging_utils import read_jsonl
 from model.quality import copy_onset, distinct_n, is_degenerate, top_token_share
 
 PY = [sys.executable]
@@ -140,10 +141,10 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+def _metrics_rows(out_dir: Path) -> list[dict]:
+    """The rows of a stage's metrics.jsonl; none when the stage has not logged yet."""
+    path = Path(out_dir) / "metrics.jsonl"
+    return read_jsonl(path) if path.is_file() else []
 
 
 def data_figures(data_dir: Path) -> dict:
@@ -172,7 +173,7 @@ def tokenizer_figures(tok_dir: Path, valid_file: Path) -> dict:
 
 def trainer_figures(out_dir: Path) -> dict:
     """Last training loss, eval loss and held-out bpc with its character baselines, from metrics.jsonl."""
-    rows = _read_jsonl(out_dir / "metrics.jsonl")
+    rows = _metrics_rows(out_dir)
     last = next((r for r in reversed(rows) if "loss" in r), {})
     evals = [r for r in rows if "eval_loss" in r]
     base = next((r for r in rows if "baseline_bigram_bpc" in r), {})
@@ -189,7 +190,7 @@ def trainer_figures(out_dir: Path) -> dict:
 
 def dpo_figures(out_dir: Path) -> dict:
     """The first and the last eval rows (reward accuracy and margin before and after)."""
-    evals = [r for r in _read_jsonl(out_dir / "metrics.jsonl") if r.get("split") == "eval"]
+    evals = [r for r in _metrics_rows(out_dir) if r.get("split") == "eval"]
     pick = lambda r: {k: v for k, v in r.items() if k.startswith("eval/") or k in ("step", "eval_on")}  # noqa: E731
     return {"eval_before": pick(evals[0]) if evals else None, "eval_after": pick(evals[-1]) if evals else None,
             "files": {"metrics": "metrics.jsonl"}}

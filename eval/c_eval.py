@@ -317,7 +317,7 @@ def score_questions(model, tokenizer, subjects: Sequence[Subject], dev: Optional
                     rec.update({f"p_{L}": round(float(p), 6) for L, p in zip(q.letters, probs[0].tolist())})
                     records[idx[r]] = rec
             else:
-                out = model.my_generate(input_ids, mask, max_seq_len=cfg.max_new_tokens, search_type="greedy")
+                out = model.my_generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens, search_type="greedy")
                 texts = tokenizer.batch_decode(out, skip_special_tokens=True)
                 for r, (q, _, n_shots, trunc) in enumerate(batch):
                     pred = parse_choice(texts[r], q.options, q.letters)

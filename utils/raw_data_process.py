@@ -547,7 +547,10 @@ class _Row:
     first_chunk: bool = True
 
 
-class Pipeline:
+class DataStage:
+    """The data stage over one config: maps each source's records to rows, cleans them, drops duplicates
+    (exact and near, across all sources) and writes the stage's outputs."""
+
     def __init__(self, cfg: dict, out_dir: Path):
         self.cfg = cfg
         self.out_dir = out_dir
@@ -931,7 +934,7 @@ def run_pipeline(config_path, output_dir: str | os.PathLike | None = None, **ove
     out.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(out, False)
     log.info("config %s -> %s (data_root %s)", cfg["_config_path"], out, _resolve_root(cfg))
-    pipe = Pipeline(cfg, out)
+    pipe = DataStage(cfg, out)
     outs = Outputs(out, cfg)
     stats: dict[str, SourceStats] = {}
     progress = None

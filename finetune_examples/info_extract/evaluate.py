@@ -153,7 +153,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], batch_size: int
             for r, i in enumerate(idx):
                 ids[r, : len(enc[i])] = torch.tensor(enc[i])
             mask = (ids != PAD_ID).long()
-            gen = model.my_generate(ids.to(device), mask.to(device), max_seq_len=max_new_tokens,
+            gen = model.my_generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
                                     search_type=search_type)
             for r, text in enumerate(tokenizer.batch_decode(gen, skip_special_tokens=True)):
                 out[idx[r]] = text.strip()

@@ -216,14 +216,14 @@ def train_from_counts(counts: PieceCounts, vocab_size: int = 29298, token_type: 
 
 def train_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 29298, token_type: str = "char",
                     num_sentinels: int = DEFAULT_NUM_SENTINELS, min_frequency: int = 2,
-                    length: Optional[int] = None, show_progress: bool = False, *, files=None,
+                    show_progress: bool = False, *, files=None,
                     columns: Optional[Sequence[str]] = None, num_proc: int = 0,
                     max_pieces: int = DEFAULT_MAX_PIECES, chunk_chars: int = DEFAULT_CHUNK_CHARS,
                     sentencepiece: Optional[str] = None, feed_pieces: int = DEFAULT_FEED_PIECES,
                     seed: int = 0, character_coverage: float = 0.9995) -> PreTrainedTokenizerFast:
     """Train a tokenizer on texts (an iterable, counted in this process) and/or files, globs or parquet
     columns (counted by ``num_proc`` worker processes). Memory is bounded by ``max_pieces``, not by the
-    corpus. ``length`` is accepted for compatibility and unused."""
+    corpus."""
     counts = count_pieces(texts, files, token_type, columns=columns, num_proc=num_proc, max_pieces=max_pieces,
                           chunk_chars=chunk_chars, seed=seed, show_progress=show_progress)
     return train_from_counts(counts, vocab_size, token_type, num_sentinels, min_frequency, sentencepiece,
