@@ -62,7 +62,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_field_with_type_default_and_meaning():
     import dataclasses
     from config import DPOConfig, InferConfig, PipelineConfig, TrainConfig
-    from model.tokenizer.build import TokenizerTrainConfig
+    from config import TokenizerTrainConfig
     for script, cls in (("train.py", TrainConfig), ("dpo_train.py", DPOConfig), ("api_demo.py", InferConfig),
                         ("cli_demo.py", InferConfig), ("pipeline.py", PipelineConfig),
                         ("train_tokenizer.py", TokenizerTrainConfig)):
