@@ -43,7 +43,6 @@ class ModelConfig:
     relative_attention_num_buckets: int = 32  # T5 relative position buckets
     relative_attention_max_distance: int = 128  # distance beyond which positions share a bucket
     tie_word_embeddings: bool = True  # input embeddings = output layer (T5Config always ties them)
-    max_seq_len: int = 512  # longest sequence the presets are meant for
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -54,7 +53,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                   vocab_size=8192),
     # tests and the demo: seconds per hundred steps on a CPU
     "tiny": dict(d_model=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=32, d_ff=512,
-                 vocab_size=2048, dropout_rate=0.0, max_seq_len=128),
+                 vocab_size=2048, dropout_rate=0.0),
 }
 
 
@@ -91,7 +90,6 @@ class LoopConfig:
     seed: int = 23333  # seed of weights, data order and dropout
     log_with: str = "tensorboard"  # tensorboard | none
     show_progress: bool = True  # rich progress bar
-    debug_signal: Optional[str] = None  # tests: "STEP:SIGNAME" sends that signal to this process after STEP
 
 
 @dataclass
@@ -133,8 +131,7 @@ class TrainConfig(LoopConfig):
     eval_batch_size: int = 32  # samples per eval forward
     bleu_samples: int = 32  # validation prompts answered greedily for char BLEU (0: off)
     baselines: bool = True  # character unigram/bigram bpc of the held-out targets (model/quality.py)
-    num_workers: int = 0  # (unused by the in-process loader; kept for the HF scripts)
-    debug_dump_samples: bool = False  # tests: each rank writes the keys of the samples it trained on
+    num_workers: int = 0  # DataLoader workers of the Seq2SeqTrainer path (pre_train.py, sft_train.py)
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -157,7 +154,68 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                      lr_scheduler="onecycle", warmup_steps=0.1, dropout_rate=0.1, max_steps=2000, max_source_len=64,
                      max_target_len=64, save_steps=100000, eval_steps=100000, bleu_samples=8, num_threads=1,
                      log_with="none"),
+    # the triple-extraction fine-tune (finetune_examples/info_extract/finetune.py); intervals of 0 are off
+    "ie": dict(epochs=3, batch_size_per_gpu=16, learning_rate=5e-4, lr_scheduler="cosine", warmup_steps=0.05,
+               max_source_len=192, max_target_len=128, save_steps=0, eval_steps=0, logging_steps=20,
+               bleu_samples=0, log_with="none", num_threads=2, cpu=False),
 }
+
+
+DEFAULT_MAX_PIECES = 1_000_000  # count-table cap: bounds memory whatever the corpus size
+DEFAULT_CHUNK_CHARS = 8  # longer pieces (CJK runs) are counted as chunks of this many characters
+DEFAULT_FEED_PIECES = 5_000_000  # at most this many weighted pieces are fed to the BPE trainer
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+@dataclass
+class TokenizerTrainConfig:
+    """Options of ``train_tokenizer.py`` (every field is a command-line flag)."""
+
+    inputs: Optional[str] = None  # text files, globs, folders, .jsonl or .parquet, comma-separated
+    columns: Optional[str] = None  # parquet columns / jsonl fields (comma-separated); default: text columns
+    output_dir: str = "model_save/tokenizer"  # tokenizer.json, tokenizer_config.json, training_stats.json
+    token_type: str = "char"  # char | byte
+    vocab_size: int = 29298  # size of the vocabulary, special tokens and sentinels included
+    num_sentinels: int = DEFAULT_NUM_SENTINELS  # span-corruption sentinels <extra_id_i>, ids from 7
+    min_frequency: int = 2  # pieces seen fewer times are not merged
+    sentencepiece: Optional[str] = None  # None | bpe | unigram (char level only)
+    character_coverage: float = 0.9995  # sentencepiece only
+    num_proc: int = 0  # counting processes; 0 = one per CPU (at most 8)
+    max_pieces: int = DEFAULT_MAX_PIECES  # count-table cap: bounds memory whatever the corpus size
+    chunk_chars: int = DEFAULT_CHUNK_CHARS  # longer pieces (CJK runs) are counted in chunks of this many chars
+    feed_pieces: int = DEFAULT_FEED_PIECES  # most weighted pieces fed to the BPE trainer
+    seed: int = 0  # thinning of the count table and sentencepiece sampling
+    show_progress: bool = True  # progress bars
+
+
+TOKENIZER_PRESETS = {
+    "default": {},
+    # the demo corpus (40 kB): a small vocabulary for the tiny model, trained in seconds
+    "demo": dict(inputs="data/demo/corpus.txt", vocab_size=2048, output_dir="model_save/demo/tokenizer",
+                 num_proc=1, show_progress=False),
+}
+
+
+# ------------------------------------------------------------------------------------------ C-Eval
+@dataclass
+class CEvalConfig:
+    """Options of the harness; every field can be overridden on the command line (``--k_shot=5``)."""
+
+    model_dir: str = "model_save/sft"  # the model folder (or hub id) to evaluate
+    data_dir: str = str(SHARED_DATA / "eval" / "ceval-exam")  # <split>/<subject>_<split>.csv files
+    split: str = "val"  # val | test | dev
+    subjects: Optional[Any] = None  # a comma-separated subset (or a list); None = every CSV of the split
+    k_shot: int = 0  # examples from the dev split put before each question
+    mode: str = "logits"  # logits | generate
+    header: bool = True  # the C-Eval instruction line naming the subject
+    batch_size: int = 16  # questions scored at once
+    max_source_len: int = 512  # prompt tokens (with [EOS]); shots are dropped first, then the prompt's head
+    max_new_tokens: int = 16  # generate mode only
+    out_dir: Optional[str] = "model_save/eval/ceval"  # None: print only
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 2  # torch CPU threads
+    show_table: bool = True  # print the per-subject table
+
 
 
 @dataclass
@@ -389,7 +447,7 @@ def config_help(cls, presets: Optional[dict] = None) -> str:
 def run_cli(main, default: str = "", **commands) -> None:
     """The command line of every top-level script: flags run ``main`` (``python train.py --max_steps=10``); a
     first word naming one of ``commands`` runs that one instead (``python dpo_train.py merge ...``). The word
-    ``default`` before the flags is accepted too (``python train.py train ...``, the older spelling)."""
+    ``default`` before the flags is accepted too (``python train.py train ...``)."""
     import sys
 
     import fire

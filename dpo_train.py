@@ -7,7 +7,7 @@
     python dpo_train.py --help                                                # every DPOConfig field
 
 Every field of ``config.DPOConfig`` is a flag (``--beta=0.2 --loss_type=ipo``); the logic is in model/training/dpo.py.
-``python dpo_train.py train ...`` (the older spelling) still works.
+``python dpo_train.py train ...`` works too.
 """
 from __future__ import annotations
 

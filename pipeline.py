@@ -34,6 +34,7 @@ from rich.console import Console
 from config import (PIPELINE_PROFILES, TRAIN_PRESETS, InferConfig, PipelineConfig, dry_run_profile, make_config,
                     run_cli)
 from eval.report_card import write_report_card
+from model.logging_utils import read_jsonl
 from model.quality import copy_onset, distinct_n, is_degenerate, top_token_share
 
 PY = [sys.executable]
@@ -140,10 +141,10 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+def _metrics_rows(out_dir: Path) -> list[dict]:
+    """The rows of a stage's metrics.jsonl; none when the stage has not logged yet."""
+    path = Path(out_dir) / "metrics.jsonl"
+    return read_jsonl(path) if path.is_file() else []
 
 
 def data_figures(data_dir: Path) -> dict:
@@ -172,7 +173,7 @@ def tokenizer_figures(tok_dir: Path, valid_file: Path) -> dict:
 
 def trainer_figures(out_dir: Path) -> dict:
     """Last training loss, eval loss and held-out bpc with its character baselines, from metrics.jsonl."""
-    rows = _read_jsonl(out_dir / "metrics.jsonl")
+    rows = _metrics_rows(out_dir)
     last = next((r for r in reversed(rows) if "loss" in r), {})
     evals = [r for r in rows if "eval_loss" in r]
     base = next((r for r in rows if "baseline_bigram_bpc" in r), {})
@@ -189,7 +190,7 @@ def trainer_figures(out_dir: Path) -> dict:
 
 def dpo_figures(out_dir: Path) -> dict:
     """The first and the last eval rows (reward accuracy and margin before and after)."""
-    evals = [r for r in _read_jsonl(out_dir / "metrics.jsonl") if r.get("split") == "eval"]
+    evals = [r for r in _metrics_rows(out_dir) if r.get("split") == "eval"]
     pick = lambda r: {k: v for k, v in r.items() if k.startswith("eval/") or k in ("step", "eval_on")}  # noqa: E731
     return {"eval_before": pick(evals[0]) if evals else None, "eval_after": pick(evals[-1]) if evals else None,
             "files": {"metrics": "metrics.jsonl"}}
@@ -248,9 +249,20 @@ def _preset(cfg: PipelineConfig) -> str:
 
 def build_stages(cfg: PipelineConfig) -> list[Stage]:
     root = Path(cfg.root)
-    data_dir = root / "data"
-    tok_dir = root / "tokenizer"
-    pre_dir, sft_dir, dpo_dir = root / "pretrain", root / "sft", root / "dpo"
+    return _data_stages(cfg) + _training_stages(cfg) + [
+        _dpo_stage(cfg),
+        Stage("final", [], [str(root / "model.safetensors")], "export the final model",
+              after=lambda: export_final(cfg), out_dir=str(root)),
+        _ceval_stage(cfg),
+        ie_stage(cfg),
+        Stage("chat", [], [], "held-out questions, sample chats, a sample API exchange",
+              after=lambda: sample_chats(cfg), out_dir=str(root / "chat")),
+        Stage("report", [], [str(root / "report.md")], "report card", after=lambda: report_card(cfg))]
+
+
+def _data_stages(cfg: PipelineConfig) -> list[Stage]:
+    """The demo data (when asked), the data stage and the tokenizer."""
+    data_dir, tok_dir = Path(cfg.root) / "data", Path(cfg.root) / "tokenizer"
     stages: list[Stage] = []
     if cfg.demo_data:
         stages.append(Stage("demo_data", [PY + ["-m", "utils.demo_data", "--out_dir", "data/demo"]],
@@ -266,10 +278,26 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
                             f"--output_dir={tok_dir}"] + _flags(cfg.tokenizer)],
         [str(tok_dir / "tokenizer.json")], "train the tokenizer on the text corpus",
         after=lambda: tokenizer_figures(tok_dir, data_dir / "my_valid_dataset.parquet"), out_dir=str(tok_dir)))
+    return stages
+
+
+def _train_stage(cfg: PipelineConfig, name: str, stage: str, out_dir: Path, flags: list[str], about: str) -> Stage:
+    """One train.py run that resumes where it stopped and reports its trainer figures."""
+    cmd = _launcher(cfg) + ["train.py", f"--stage={stage}", f"--tokenizer_dir={Path(cfg.root) / 'tokenizer'}",
+                            f"--output_dir={out_dir}"] + flags
+    return Stage(name, [cmd], [str(out_dir / "model.safetensors")], about, resume_args=["--is_keep_training=True"],
+                 after=lambda: trainer_figures(out_dir), out_dir=str(out_dir))
+
+
+def _training_stages(cfg: PipelineConfig) -> list[Stage]:
+    """The copy warm-up (when asked), pretraining and SFT."""
+    root = Path(cfg.root)
+    data_dir, pre_dir, sft_dir = root / "data", root / "pretrain", root / "sft"
     train_files = f"{data_dir / 'my_text_dataset.parquet'}:1,{data_dir / 'my_train_dataset.parquet'}:1"
     seed = {} if cfg.seed is None else {"seed": cfg.seed}
     pre_flags = dict(dict(train_file=train_files, valid_file=data_dir / "my_valid_dataset.parquet"),
                      **cfg.pretrain, **seed)
+    stages: list[Stage] = []
     if cfg.copy_warmup:  # the copy skill first, on the text rows alone; pretraining continues from it
         warm_dir = root / "copy_warmup"
         shape = {k: cfg.pretrain[k] for k in ("preset", "model_overrides", "dropout_rate", "num_threads")
@@ -277,27 +305,25 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
         warm_flags = {**shape, "train_file": data_dir / "my_text_dataset.parquet",
                       "valid_file": data_dir / "my_valid_dataset.parquet", "text_mode": "copy", **cfg.copy_warmup,
                       **seed}
-        stages.append(Stage(
-            "copy_warmup", [_launcher(cfg) + ["train.py", f"--stage={cfg.pretrain_stage}", f"--tokenizer_dir={tok_dir}",
-                                              f"--output_dir={warm_dir}"] + _flags(warm_flags)],
-            [str(warm_dir / "model.safetensors")], "copy warm-up", resume_args=["--is_keep_training=True"],
-            after=lambda: trainer_figures(warm_dir), out_dir=str(warm_dir)))
+        stages.append(_train_stage(cfg, "copy_warmup", cfg.pretrain_stage, warm_dir, _flags(warm_flags),
+                                   "copy warm-up"))
         pre_flags["init_from"] = warm_dir
-    stages.append(Stage(
-        "pretrain", [_launcher(cfg) + ["train.py", f"--stage={cfg.pretrain_stage}",
-                                       f"--tokenizer_dir={tok_dir}", f"--output_dir={pre_dir}"] + _flags(pre_flags)],
-        [str(pre_dir / "model.safetensors")], "T5 pretraining", resume_args=["--is_keep_training=True"],
-        after=lambda: trainer_figures(pre_dir), out_dir=str(pre_dir)))
+    stages.append(_train_stage(cfg, "pretrain", cfg.pretrain_stage, pre_dir, _flags(pre_flags), "T5 pretraining"))
     sft_flags = dict(dict(valid_file=data_dir / "my_valid_dataset.parquet"), **cfg.sft, **seed)
     if not cfg.demo_data:
         sft_flags.setdefault("train_file", data_dir / "my_train_dataset.parquet")
     sft_init = ([f"--init_from={pre_dir}"] if cfg.sft_from_pretrain
                 else ["--is_finetune=False", "--init_from=None", f"--preset={_preset(cfg)}"])
-    stages.append(Stage(
-        "sft", [_launcher(cfg) + ["train.py", f"--stage={cfg.sft_stage}", f"--tokenizer_dir={tok_dir}",
-                                  f"--output_dir={sft_dir}"] + sft_init + _flags(sft_flags)],
-        [str(sft_dir / "model.safetensors")], "instruction fine-tuning", resume_args=["--is_keep_training=True"],
-        after=lambda: trainer_figures(sft_dir), out_dir=str(sft_dir)))
+    stages.append(_train_stage(cfg, "sft", cfg.sft_stage, sft_dir, sft_init + _flags(sft_flags),
+                               "instruction fine-tuning"))
+    return stages
+
+
+def _dpo_stage(cfg: PipelineConfig) -> Stage:
+    """Preference optimisation from the SFT model, on pairs held out by prompt when ``dpo_valid_ratio`` > 0."""
+    root = Path(cfg.root)
+    data_dir, tok_dir, dpo_dir = root / "data", root / "tokenizer", root / "dpo"
+    seed = {} if cfg.seed is None else {"seed": cfg.seed}
     dpo_file = cfg.dpo_file or str(data_dir / "my_dpo_dataset.parquet")
     dpo_cmds, dpo_files = [], [f"--train_file={dpo_file}"]
     if cfg.dpo_valid_ratio > 0:  # hold out pairs by prompt, so the report's DPO accuracy is on unseen pairs
@@ -308,25 +334,18 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
                               f"--valid_ratio={cfg.dpo_valid_ratio}"] + _flags(lens))
         dpo_files = [f"--train_file={split_dir / 'my_dpo_train.parquet'}",
                      f"--valid_file={split_dir / 'my_dpo_valid.parquet'}"]
-    dpo_cmds.append(_launcher(cfg) + ["dpo_train.py", f"--sft_model_dir={sft_dir}"] + dpo_files
+    dpo_cmds.append(_launcher(cfg) + ["dpo_train.py", f"--sft_model_dir={root / 'sft'}"] + dpo_files
                     + [f"--output_dir={dpo_dir}"] + _flags(dict(cfg.dpo, **seed)))
-    stages.append(Stage(
-        "dpo", dpo_cmds,
-        [str(dpo_dir / "model.safetensors")], "preference optimisation", resume_args=["--is_keep_training=True"],
-        after=lambda: dpo_figures(dpo_dir), out_dir=str(dpo_dir)))
-    stages.append(Stage("final", [], [str(root / "model.safetensors")], "export the final model",
-                        after=lambda: export_final(cfg), out_dir=str(root)))
-    stages.append(Stage(
-        "ceval", [PY + ["eval/c_eval.py", f"--model_dir={root}", f"--data_dir={cfg.ceval_dir}",
-                        f"--split={cfg.ceval_split}", f"--out_dir={root / 'eval' / 'ceval'}", "--show_table=True"]
-                  + _flags(cfg.ceval)],
-        [str(root / "eval" / "ceval")], "C-Eval-style multiple choice",
-        after=lambda: ceval_figures(root / "eval" / "ceval"), out_dir=str(root / "eval" / "ceval")))
-    stages.append(ie_stage(cfg))
-    stages.append(Stage("chat", [], [], "held-out questions, sample chats, a sample API exchange",
-                        after=lambda: sample_chats(cfg), out_dir=str(root / "chat")))
-    stages.append(Stage("report", [], [str(root / "report.md")], "report card", after=lambda: report_card(cfg)))
-    return stages
+    return Stage("dpo", dpo_cmds, [str(dpo_dir / "model.safetensors")], "preference optimisation",
+                 resume_args=["--is_keep_training=True"], after=lambda: dpo_figures(dpo_dir), out_dir=str(dpo_dir))
+
+
+def _ceval_stage(cfg: PipelineConfig) -> Stage:
+    out = Path(cfg.root) / "eval" / "ceval"
+    return Stage("ceval", [PY + ["eval/c_eval.py", f"--model_dir={Path(cfg.root)}", f"--data_dir={cfg.ceval_dir}",
+                                 f"--split={cfg.ceval_split}", f"--out_dir={out}", "--show_table=True"]
+                           + _flags(cfg.ceval)],
+                 [str(out)], "C-Eval-style multiple choice", after=lambda: ceval_figures(out), out_dir=str(out))
 
 
 def ie_stage(cfg: PipelineConfig) -> Stage:

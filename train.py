@@ -8,7 +8,7 @@
     python train.py ... --push_to_hub=me/chatlm-sft            # upload the final folder and its model card
 
 Every TrainConfig field is a flag (``--learning_rate=1e-4``); ``--stage`` picks a TRAIN_PRESETS entry first.
-``python train.py train ...`` (the older spelling) still works.
+``python train.py train ...`` works too.
 """
 from __future__ import annotations
 

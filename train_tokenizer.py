@@ -1,13 +1,13 @@
 """Train the project's tokenizer on a corpus of any size, in memory that does not grow with it.
 
-    python train_tokenizer.py --inputs 'data/generated/pretrain/*.txt' --token_type char --vocab_size 29298
+    python train_tokenizer.py --inputs data/generated/all/my_corpus.txt --token_type char --vocab_size 29298
     python train_tokenizer.py --inputs data/my_train.parquet --columns prompt,response --output_dir model_save/tok
     python train_tokenizer.py --inputs corpus.txt --sentencepiece unigram      # or bpe
     python train_tokenizer.py --preset demo                                     # the demo corpus, in seconds
 
 Inputs: text files (one text a line), ``.jsonl`` (``--columns`` fields), ``.parquet`` (``--columns``, default
 every string column), globs and folders, comma-separated. Every option of ``TokenizerTrainConfig``
-(model/tokenizer/build.py) is a flag. Writes ``tokenizer.json``, ``tokenizer_config.json`` and
+(config.py) is a flag. Writes ``tokenizer.json``, ``tokenizer_config.json`` and
 ``training_stats.json`` to ``--output_dir``; load with ``AutoTokenizer.from_pretrained(output_dir)``.
 ``--help`` lists every option with its type, default and meaning.
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 
-from config import make_config, run_cli
-from model.tokenizer.build import TOKENIZER_PRESETS, TokenizerTrainConfig, train_from_config
+from config import TOKENIZER_PRESETS, TokenizerTrainConfig, make_config, run_cli
+from model.tokenizer.build import train_from_config
 
 
 def main(preset: str = "default", **overrides):

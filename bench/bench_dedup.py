@@ -219,7 +219,7 @@ def score(docs, planted, positives_mask, pairs: np.ndarray, rng: random.Random, 
             "precision_sample": len(idx), "planted_found": found}
 
 
-def main():
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="20,000 lines instead of 200,000")
     ap.add_argument("--lines", type=int, default=None)
@@ -232,7 +232,54 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "dedup"))
     ap.add_argument("--_child", choices=["ours", "datasketch"], help=argparse.SUPPRESS)
     ap.add_argument("--_work", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def _fastest_runs(a: argparse.Namespace, work: Path, docs, planted, positives) -> tuple[dict, dict]:
+    """(each method's fastest run, scored; every run's timing).
+
+    The two methods alternate and each one's fastest run counts: on a shared machine the load changes from
+    minute to minute, and the best of several runs is the least disturbed measurement of each.
+    """
+    results: dict = {}
+    runs: dict = {"ours": [], "datasketch": []}
+    for rep in range(a.repeat):
+        for method in ("ours", "datasketch"):
+            cmd = [sys.executable, __file__, "--_child", method, "--_work", str(work), "--num_perm",
+                   str(a.num_perm), "--workers", str(a.workers), "--batch", str(a.batch)]
+            subprocess.run(cmd, check=True)
+            res = json.loads((work / f"{method}.json").read_text(encoding="utf-8"))
+            res["load_avg_1m"] = round(os.getloadavg()[0], 2)
+            runs[method].append(res)
+            if res["seconds"] <= min(r["seconds"] for r in runs[method]):
+                res.update(score(docs, planted, positives, np.load(work / f"{method}_pairs.npy"),
+                                 random.Random(a.seed)))
+                results[method] = res
+            print(f"  run {rep + 1} {method:10s} {res['docs'] / res['seconds']:>10,.0f} docs/s  "
+                  f"{res['seconds']:7.1f}s wall {res['cpu_seconds']:7.1f}s CPU  (load {res['load_avg_1m']})",
+                  flush=True)
+    for res in results.values():
+        res["docs_per_s"] = res["docs"] / res["seconds"]
+    return results, runs
+
+
+def _print_result(method: str, res: dict) -> None:
+    peak = res["peak_rss_mb"]
+    print(f"{method:10s} {res['docs_per_s']:>10,.0f} docs/s  {res['seconds']:7.1f}s wall "
+          f"{res['cpu_seconds']:7.1f}s CPU  recall {res['recall']:.4f}  "
+          f"precision {res['precision']:.4f}  reported pairs {res['reported_pairs']:,}  peak RSS "
+          f"{peak['self']:.0f} MB (+ workers {peak['children']:.0f} MB)  {res['info']}", flush=True)
+
+
+def _method_figures(res: dict) -> dict:
+    return {"docs_per_s": round(res["docs_per_s"], 1), "seconds": round(res["seconds"], 2),
+            "cpu_seconds": round(res["cpu_seconds"], 2),
+            "recall": round(res["recall"], 4), "precision": round(res["precision"], 4),
+            "reported_pairs": res["reported_pairs"], "peak_rss_mb": round(res["peak_rss_mb"]["self"], 1)}
+
+
+def main():
+    a = _parse_args()
     if a._child:
         child(a._child, Path(a._work), a.num_perm, a.workers, a.batch)
         return
@@ -251,34 +298,10 @@ def main():
     positives = [j >= THRESHOLD for j in planted_j]
     print(f"corpus: {len(docs):,} lines ({sum(map(len, docs)):,} chars), {len(planted):,} planted near-duplicates, "
           f"{sum(positives):,} of them with exact Jaccard >= {THRESHOLD} ({t_corpus:.1f}s)", flush=True)
-    results: dict = {}
-    runs: dict = {"ours": [], "datasketch": []}
     load0 = round(os.getloadavg()[0], 2)
-    # alternate the two methods and keep each one's fastest run: on a shared machine the load changes from
-    # minute to minute, and the best of several runs is the least disturbed measurement of each
-    for rep in range(a.repeat):
-        for method in ("ours", "datasketch"):
-            cmd = [sys.executable, __file__, "--_child", method, "--_work", str(work), "--num_perm",
-                   str(a.num_perm), "--workers", str(a.workers), "--batch", str(a.batch)]
-            subprocess.run(cmd, check=True)
-            res = json.loads((work / f"{method}.json").read_text(encoding="utf-8"))
-            res["load_avg_1m"] = round(os.getloadavg()[0], 2)
-            runs[method].append(res)
-            if res["seconds"] <= min(r["seconds"] for r in runs[method]):
-                res.update(score(docs, planted, positives, np.load(work / f"{method}_pairs.npy"),
-                                 random.Random(a.seed)))
-                results[method] = res
-            print(f"  run {rep + 1} {method:10s} {res['docs'] / res['seconds']:>10,.0f} docs/s  "
-                  f"{res['seconds']:7.1f}s wall {res['cpu_seconds']:7.1f}s CPU  (load {res['load_avg_1m']})",
-                  flush=True)
+    results, runs = _fastest_runs(a, work, docs, planted, positives)
     for method in ("ours", "datasketch"):
-        res = results[method]
-        res["docs_per_s"] = res["docs"] / res["seconds"]
-        peak = res["peak_rss_mb"]
-        print(f"{method:10s} {res['docs_per_s']:>10,.0f} docs/s  {res['seconds']:7.1f}s wall "
-              f"{res['cpu_seconds']:7.1f}s CPU  recall {res['recall']:.4f}  "
-              f"precision {res['precision']:.4f}  reported pairs {res['reported_pairs']:,}  peak RSS "
-              f"{peak['self']:.0f} MB (+ workers {peak['children']:.0f} MB)  {res['info']}", flush=True)
+        _print_result(method, results[method])
     ours, ds = results["ours"], results["datasketch"]
     ratio = ours["docs_per_s"] / ds["docs_per_s"]
     cpu_ratio = ds["cpu_seconds"] / ours["cpu_seconds"]
@@ -289,17 +312,9 @@ def main():
         "bench": "dedup", "ratio": round(ratio, 2), "lines": len(docs), "planted": len(planted),
         "planted_positive": int(sum(positives)), "num_perm": a.num_perm, "threshold": THRESHOLD, "ngram": NGRAM,
         "workers": a.workers, "cpu_ratio": round(cpu_ratio, 2), "load_avg_1m_before": load0, "runs": all_runs,
-        "ours": {"docs_per_s": round(ours["docs_per_s"], 1), "seconds": round(ours["seconds"], 2),
-                 "cpu_seconds": round(ours["cpu_seconds"], 2),
-                 "recall": round(ours["recall"], 4), "precision": round(ours["precision"], 4),
-                 "reported_pairs": ours["reported_pairs"], "peak_rss_mb": round(ours["peak_rss_mb"]["self"], 1),
-                 "peak_rss_workers_mb": round(ours["peak_rss_mb"]["children"], 1),
+        "ours": {**_method_figures(ours), "peak_rss_workers_mb": round(ours["peak_rss_mb"]["children"], 1),
                  "rss_before_mb": round(ours["rss_before_mb"]["self"], 1), **ours["info"]},
-        "datasketch": {"docs_per_s": round(ds["docs_per_s"], 1), "seconds": round(ds["seconds"], 2),
-                       "cpu_seconds": round(ds["cpu_seconds"], 2),
-                       "recall": round(ds["recall"], 4), "precision": round(ds["precision"], 4),
-                       "reported_pairs": ds["reported_pairs"], "peak_rss_mb": round(ds["peak_rss_mb"]["self"], 1),
-                       "rss_before_mb": round(ds["rss_before_mb"]["self"], 1)},
+        "datasketch": {**_method_figures(ds), "rss_before_mb": round(ds["rss_before_mb"]["self"], 1)},
     }))
 
 

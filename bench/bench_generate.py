@@ -62,12 +62,133 @@ def _build_models(work: Path, train_steps: int, model_dir, base_preset: str):
     return trained, base_dir
 
 
+class _Tally:
+    """One path's totals over the run: tokens, seconds, per-prompt speed, time to first text, answers that
+    differ from raw generate's."""
+
+    def __init__(self):
+        self.tokens, self.seconds, self.ttft, self.per_prompt, self.differing = 0, 0.0, [], [], 0
+
+    def add(self, tokens: int, seconds: float, first: float | None = None, differs: bool = False,
+            timed_first: bool = True) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+        self.per_prompt.append(tokens / seconds)
+        if timed_first:
+            self.ttft.append(first if first is not None else seconds)
+        self.differing += differs
+
+    def summary(self, raw_per_prompt: list[float]) -> dict:
+        ttft = sorted(self.ttft)
+        # speed relative to raw generate on the same prompt, measured back to back: robust to load drifting
+        # over the run (other processes share these cores); the median over prompts
+        rel = sorted(a / b for a, b in zip(self.per_prompt, raw_per_prompt))
+        return {"tokens": self.tokens, "seconds": round(self.seconds, 3),
+                "tokens_per_s": round(self.tokens / self.seconds, 2) if self.seconds else None,
+                "median_speed_vs_raw": round(rel[len(rel) // 2], 3) if rel else None,
+                "ttft_median_ms": round(1000 * ttft[len(ttft) // 2], 1) if ttft else None,
+                "answers_differing_from_raw": self.differing}
+
+
+def _time_raw_generate(bot, ids: list[int], gen_cfg) -> tuple[int, float, str]:
+    """Baseline: plain transformers generate, no project code in the loop -> (tokens, seconds, text)."""
+    x = torch.tensor([ids])
+    t0 = time.perf_counter()
+    out = bot.model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen_cfg)
+    dt = time.perf_counter() - t0
+    gen = out[0, 1:].tolist()
+    return len(gen), dt, bot.tokenizer.decode(gen, skip_special_tokens=True)
+
+
+def _time_stream_chat(bot, q: str) -> tuple[float, float | None, str]:
+    """(seconds, seconds to the first piece, text) of ``ChatBot.stream_chat``."""
+    t0 = time.perf_counter()
+    first, text = None, ""
+    for piece in bot.stream_chat(q):
+        if first is None:
+            first = time.perf_counter() - t0
+        text += piece
+    return time.perf_counter() - t0, first, text
+
+
+def _time_api_stream(client, q: str) -> tuple[int, float, float | None, str]:
+    """(completion tokens, seconds, seconds to the first text, text) of one streamed API chat completion."""
+    body = {"messages": [{"role": "user", "content": q}], "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, text, used = None, "", 0
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if ev.get("usage"):
+                used = ev["usage"]["completion_tokens"]
+            for ch in ev.get("choices", []):
+                c = ch["delta"].get("content")
+                if c:
+                    if first is None:
+                        first = time.perf_counter() - t0
+                    text += c
+    return used, time.perf_counter() - t0, first, text
+
+
+def _time_ct2(ct2, ids: list[int]) -> tuple[int, float, float, str]:
+    """(tokens, seconds, seconds to the first piece, text) of the CTranslate2 engine."""
+    from model.serving.infer import TokenStreamer
+    stamps = []
+    s = TokenStreamer(ct2.tokenizer, on_text=lambda _p: stamps.append(time.perf_counter()), skip_first=False)
+    t0 = time.perf_counter()
+    r = ct2.generate(ids, streamer=s)
+    dt = time.perf_counter() - t0
+    return r.completion_tokens, dt, (stamps[0] - t0) if stamps else dt, r.text
+
+
+def _ct2_bot(common: dict, ct2_dir: Path):
+    """The CTranslate2 engine over the same folder, or None when ctranslate2 is not installed."""
+    from model.serving.infer import ChatBot
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        print("ctranslate2 is not installed: skipping --engine ct2", flush=True)
+        return None
+    return ChatBot(**common, engine="ct2", ct2_dir=str(ct2_dir))
+
+
+def _warm_up(bot, ct2, client, prompt: str) -> None:
+    """First calls pay one-off costs (thread pools, kernels' first run, the HTTP connection): pay them here."""
+    x0 = torch.tensor([bot.build_input_ids(prompt)])
+    bot.model.generate(input_ids=x0, attention_mask=torch.ones_like(x0),
+                       generation_config=bot.model.generation_kwargs("greedy", 4))
+    list(bot.stream_chat(prompt, max_new_tokens=4))
+    if ct2 is not None:
+        ct2.chat(prompt, max_new_tokens=4)
+    if client is not None:
+        client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}],
+                                                  "max_tokens": 4})
+
+
+def _time_prompt(tally: dict, bot, ct2, client, q: str, gen_cfg) -> None:
+    """One prompt through every path in turn, back to back."""
+    ids = bot.build_input_ids(q)
+    n, dt, ref = _time_raw_generate(bot, ids, gen_cfg)
+    tally["raw_generate"].add(n, dt, timed_first=False)
+    dt, first, text = _time_stream_chat(bot, q)
+    tally["stream_chat"].add(n, dt, first, text != ref)  # same greedy answer (counted when not)
+    if client is not None:
+        used, dt, first, text = _time_api_stream(client, q)
+        tally["api_stream"].add(used, dt, first, text != ref)
+    if ct2 is not None:
+        n_ct2, dt, first, text = _time_ct2(ct2, ids)
+        tally["ct2_int8"].add(n_ct2, dt, first, text != ref)
+
+
 def _measure(model_dir: Path, prompts, max_new: int, threads: int, rounds: int, with_api: bool, ct2_dir: Path,
              label: str):
     """Per-path totals: tokens, seconds, time to first text; every prompt through every path in turn."""
     import httpx
+    from rich.progress import Progress
 
-    from model.serving.infer import ChatBot, TokenStreamer
+    from model.serving.infer import ChatBot
     from model.serving.server import ServerThread, create_app
 
     common = dict(model_dir=str(model_dir), max_new_tokens=max_new, max_prompt_tokens=256, torch_threads=threads,
@@ -76,114 +197,25 @@ def _measure(model_dir: Path, prompts, max_new: int, threads: int, rounds: int, 
     s = bot.settings()  # the folder's decoding defaults, as ChatBot applies them
     gen_cfg = bot.model.generation_kwargs("greedy", max_new, repetition_penalty=s["repetition_penalty"],
                                           no_repeat_ngram_size=s["no_repeat_ngram_size"])
-    try:
-        import ctranslate2  # noqa: F401
-        ct2 = ChatBot(**common, engine="ct2", ct2_dir=str(ct2_dir))
-    except ImportError:
-        ct2 = None
-        print("ctranslate2 is not installed: skipping --engine ct2", flush=True)
+    ct2 = _ct2_bot(common, ct2_dir)
     paths = ["raw_generate", "stream_chat"] + (["api_stream"] if with_api else []) + (["ct2_int8"] if ct2 else [])
-    tot = {p: {"tokens": 0, "seconds": 0.0, "ttft": [], "per_prompt": []} for p in paths}
-    mismatches = {p: 0 for p in paths}
+    tally = {p: _Tally() for p in paths}
     server = ServerThread(create_app(bot)).__enter__() if with_api else None
     client = httpx.Client(base_url=server.url, timeout=600) if server else None
-    from rich.progress import Progress
-    # warm-up: first calls pay one-off costs (thread pools, kernels' first run, the HTTP connection)
-    x0 = torch.tensor([bot.build_input_ids(prompts[0])])
-    bot.model.generate(input_ids=x0, attention_mask=torch.ones_like(x0),
-                       generation_config=bot.model.generation_kwargs("greedy", 4))
-    list(bot.stream_chat(prompts[0], max_new_tokens=4))
-    if ct2 is not None:
-        ct2.chat(prompts[0], max_new_tokens=4)
-    if client is not None:
-        client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": prompts[0]}],
-                                                  "max_tokens": 4})
+    _warm_up(bot, ct2, client, prompts[0])
     try:
         with Progress(transient=True) as progress:
             task = progress.add_task(f"{label}: generating", total=rounds * len(prompts))
             for _ in range(rounds):
                 for q in prompts:
-                    ids = bot.build_input_ids(q)
-                    x = torch.tensor([ids])
-                    # baseline: plain transformers generate, no project code in the loop
-                    t0 = time.perf_counter()
-                    out = bot.model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen_cfg)
-                    dt = time.perf_counter() - t0
-                    gen = out[0, 1:].tolist()
-                    n = len(gen)
-                    ref = bot.tokenizer.decode(gen, skip_special_tokens=True)
-                    tot["raw_generate"]["tokens"] += n
-                    tot["raw_generate"]["seconds"] += dt
-                    tot["raw_generate"]["per_prompt"].append(n / dt)
-
-                    t0 = time.perf_counter()
-                    first, text = None, ""
-                    for piece in bot.stream_chat(q):
-                        if first is None:
-                            first = time.perf_counter() - t0
-                        text += piece
-                    dt = time.perf_counter() - t0
-                    tot["stream_chat"]["tokens"] += n  # same greedy answer (checked below)
-                    tot["stream_chat"]["seconds"] += dt
-                    tot["stream_chat"]["per_prompt"].append(n / dt)
-                    tot["stream_chat"]["ttft"].append(first if first is not None else dt)
-                    mismatches["stream_chat"] += text != ref
-
-                    if client is not None:
-                        body = {"messages": [{"role": "user", "content": q}], "stream": True,
-                                "stream_options": {"include_usage": True}}
-                        t0 = time.perf_counter()
-                        first, text, used = None, "", 0
-                        with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                            for line in r.iter_lines():
-                                if not line.startswith("data: ") or line == "data: [DONE]":
-                                    continue
-                                ev = json.loads(line[6:])
-                                if ev.get("usage"):
-                                    used = ev["usage"]["completion_tokens"]
-                                for ch in ev.get("choices", []):
-                                    c = ch["delta"].get("content")
-                                    if c:
-                                        if first is None:
-                                            first = time.perf_counter() - t0
-                                        text += c
-                        dt = time.perf_counter() - t0
-                        tot["api_stream"]["tokens"] += used
-                        tot["api_stream"]["seconds"] += dt
-                        tot["api_stream"]["per_prompt"].append(used / dt)
-                        tot["api_stream"]["ttft"].append(first if first is not None else dt)
-                        mismatches["api_stream"] += text != ref
-
-                    if ct2 is not None:
-                        stamps = []
-                        s = TokenStreamer(ct2.tokenizer, on_text=lambda _p: stamps.append(time.perf_counter()),
-                                          skip_first=False)
-                        t0 = time.perf_counter()
-                        r = ct2.generate(ids, streamer=s)
-                        dt = time.perf_counter() - t0
-                        tot["ct2_int8"]["tokens"] += r.completion_tokens
-                        tot["ct2_int8"]["seconds"] += dt
-                        tot["ct2_int8"]["per_prompt"].append(r.completion_tokens / dt)
-                        tot["ct2_int8"]["ttft"].append((stamps[0] - t0) if stamps else dt)
-                        mismatches["ct2_int8"] += r.text != ref
+                    _time_prompt(tally, bot, ct2, client, q, gen_cfg)
                     progress.advance(task)
     finally:
         if client is not None:
             client.close()
             server.__exit__(None, None, None)
-    res = {}
-    raw_pp = tot["raw_generate"]["per_prompt"]
-    for p, v in tot.items():
-        ttft = sorted(v["ttft"])
-        # speed relative to raw generate on the same prompt, measured back to back: robust to load drifting
-        # over the run (other processes share these cores); the median over prompts
-        rel = sorted(a / b for a, b in zip(v["per_prompt"], raw_pp))
-        res[p] = {"tokens": v["tokens"], "seconds": round(v["seconds"], 3),
-                  "tokens_per_s": round(v["tokens"] / v["seconds"], 2) if v["seconds"] else None,
-                  "median_speed_vs_raw": round(rel[len(rel) // 2], 3) if rel else None,
-                  "ttft_median_ms": round(1000 * ttft[len(ttft) // 2], 1) if ttft else None,
-                  "answers_differing_from_raw": mismatches[p] if p != "raw_generate" else 0}
-    return res, bot, ct2
+    raw_pp = tally["raw_generate"].per_prompt
+    return {p: t.summary(raw_pp) for p, t in tally.items()}, bot, ct2
 
 
 def _agreement(bot, ct2_dir: Path, prompts, max_new: int, threads: int) -> dict:

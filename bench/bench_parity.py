@@ -179,7 +179,7 @@ def run_parity(train_file: str, valid_file: str, tokenizer_dir: Path, out: Path,
                   log_with="none", show_progress=False, seed=11, dropout_rate=0.0)
     cfg = train_config("pretrain", output_dir=str(out / "ours"), **common)
     valid_ds = TextToTextDataset(cfg.valid_file, tokenizer, max_len, max_len, seed=cfg.seed, max_samples=valid_samples)
-    valid = [valid_ds.pair(k) for k in valid_ds._keys0]
+    valid = [valid_ds.pair(k) for k in valid_ds.sample_keys]
     init_value = heldout_loss(TextToTextModel.from_pretrained(str(init), dtype=torch.float32), valid)
     batches = planned_batches(cfg, tokenizer, steps)
     runs = {"ours": ours_curve(cfg, tokenizer, valid, init_value, tokens_seen(batches))}

@@ -32,33 +32,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from config import PAD_ID, PROJECT_ROOT, SHARED_DATA, make_config
+from config import PAD_ID, PROJECT_ROOT, CEvalConfig, make_config
 from model.data.checkpoint import load_model_folder
 
 CATEGORIES = ("STEM", "Social Science", "Humanities", "Other")
 UNMAPPED = "Unmapped"
 ALL_LETTERS = "ABCDEFGHIJ"
 MODES = ("logits", "generate")
-
-
-@dataclass
-class CEvalConfig:
-    """Options of the harness; every field can be overridden on the command line (``--k_shot=5``)."""
-
-    model_dir: str = "model_save/sft"
-    data_dir: str = str(SHARED_DATA / "eval" / "ceval-exam")
-    split: str = "val"
-    subjects: Optional[Any] = None  # a comma-separated subset (or a list); None = every CSV of the split
-    k_shot: int = 0  # examples from the dev split put before each question
-    mode: str = "logits"  # logits | generate
-    header: bool = True  # the C-Eval instruction line naming the subject
-    batch_size: int = 16
-    max_source_len: int = 512  # prompt tokens (with [EOS]); shots are dropped first, then the prompt's head
-    max_new_tokens: int = 16  # generate mode only
-    out_dir: Optional[str] = "model_save/eval/ceval"  # None: print only
-    device: str = "auto"
-    num_threads: int = 2
-    show_table: bool = True
 
 
 @dataclass
@@ -317,7 +297,7 @@ def score_questions(model, tokenizer, subjects: Sequence[Subject], dev: Optional
                     rec.update({f"p_{L}": round(float(p), 6) for L, p in zip(q.letters, probs[0].tolist())})
                     records[idx[r]] = rec
             else:
-                out = model.my_generate(input_ids, mask, max_seq_len=cfg.max_new_tokens, search_type="greedy")
+                out = model.my_generate(input_ids, mask, max_new_tokens=cfg.max_new_tokens, search_type="greedy")
                 texts = tokenizer.batch_decode(out, skip_special_tokens=True)
                 for r, (q, _, n_shots, trunc) in enumerate(batch):
                     pred = parse_choice(texts[r], q.options, q.letters)

@@ -89,13 +89,13 @@ class TextToTextModel(T5ForConditionalGeneration):
         return out
 
     # -------------------------------------------------------------------------------------- generation
-    def generation_kwargs(self, search_type: str, max_seq_len: int, **kw) -> GenerationConfig:
+    def generation_kwargs(self, search_type: str, max_new_tokens: int, **kw) -> GenerationConfig:
         """The GenerationConfig for a search type; unknown types are an error naming the valid ones."""
         if search_type not in SEARCH_TYPES:
             raise ValueError(f"unknown search_type {search_type!r}; expected one of {', '.join(SEARCH_TYPES)}")
-        if not isinstance(max_seq_len, int) or max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
-        base = dict(max_new_tokens=max_seq_len, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        base = dict(max_new_tokens=max_new_tokens, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                     decoder_start_token_id=PAD_ID, use_cache=True,
                     repetition_penalty=kw.get("repetition_penalty") or 1.0,
                     no_repeat_ngram_size=kw.get("no_repeat_ngram_size") or 0)
@@ -110,7 +110,7 @@ class TextToTextModel(T5ForConditionalGeneration):
 
     @torch.no_grad()
     def my_generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                    max_seq_len: int = 256, search_type: str = "greedy", streamer=None,
+                    max_new_tokens: int = 256, search_type: str = "greedy", streamer=None,
                     logits_processor=None, **kwargs) -> torch.Tensor:
         """Generate responses; returns decoder ids starting with the decoder start token (``[PAD]``).
 
@@ -120,7 +120,9 @@ class TextToTextModel(T5ForConditionalGeneration):
         ``logits_processor`` (a ``LogitsProcessorList``) masks or reweights tokens in greedy, beam and sampling
         search, e.g. the triple-extraction constraint.
         """
-        gen_cfg = self.generation_kwargs(search_type, max_seq_len, **kwargs)
+        if "max_seq_len" in kwargs:  # its name in the reference project, where it also meant new tokens
+            raise TypeError("my_generate takes max_new_tokens (tokens to generate), not max_seq_len")
+        gen_cfg = self.generation_kwargs(search_type, max_new_tokens, **kwargs)
         if attention_mask is None:
             attention_mask = (input_ids != PAD_ID).long()
         if streamer is not None and input_ids.shape[0] != 1:
@@ -129,7 +131,7 @@ class TextToTextModel(T5ForConditionalGeneration):
             if logits_processor:
                 raise ValueError("logits_processor works with greedy, beam and sampling search, not contrastive")
             return self._contrastive_search(
-                input_ids, attention_mask, max_new_tokens=max_seq_len,
+                input_ids, attention_mask, max_new_tokens=max_new_tokens,
                 penalty_alpha=kwargs.get("penalty_alpha", 0.6), top_k=kwargs.get("contrastive_top_k", 4),
                 repetition_penalty=kwargs.get("repetition_penalty") or 1.0,
                 no_repeat_ngram_size=kwargs.get("no_repeat_ngram_size") or 0, streamer=streamer)

@@ -54,3 +54,19 @@ def toy_model_dir(tmp_path_factory, demo_data, tiny_tokenizer) -> Path:
     df = pd.read_parquet(demo_data["sft"])
     return fit_toy_model(tmp_path_factory.getbasetemp() / "toy_chat", list(zip(df.prompt, df.response)),
                          tiny_tokenizer, steps=100, reuse=True)
+
+
+# ------------------------------------------------------------------------------------------ the API server
+@pytest.fixture(scope="module")
+def server(bot):
+    """The API server around the requesting module's ``bot`` fixture, on a free port."""
+    from model.serving.server import ServerThread, create_app
+    with ServerThread(create_app(bot)) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def client(server):
+    import httpx
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c

@@ -62,7 +62,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_field_with_type_default_and_meaning():
     import dataclasses
     from config import DPOConfig, InferConfig, PipelineConfig, TrainConfig
-    from model.tokenizer.build import TokenizerTrainConfig
+    from config import TokenizerTrainConfig
     for script, cls in (("train.py", TrainConfig), ("dpo_train.py", DPOConfig), ("api_demo.py", InferConfig),
                         ("cli_demo.py", InferConfig), ("pipeline.py", PipelineConfig),
                         ("train_tokenizer.py", TokenizerTrainConfig)):
@@ -77,7 +77,7 @@ def test_help_lists_every_field_with_type_default_and_meaning():
 
 def test_one_subcommand_style_main_action_by_flags_others_by_name():
     """Flags run a script's main action; a first word names another action; `train.py train` still works."""
-    assert "--save_steps " in _run("train.py", "train", "--help").stdout  # the older spelling
+    assert "--save_steps " in _run("train.py", "train", "--help").stdout  # with the command word
     dpo = _run("dpo_train.py", "--help").stdout
     assert "dpo_train.py merge" in dpo and "--beta " in dpo  # the other action is named in the help
     merge = _run("dpo_train.py", "merge", "--help")

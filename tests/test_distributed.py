@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from instrumented import script_command, script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,13 +24,13 @@ def test_two_processes_shard_data_and_keep_equal_weights(tiny_tokenizer, demo_da
     kw = dict(preset="tiny", tokenizer_dir=tok_dir, output_dir=out, train_file=f"{demo_data['sft']}:0.2",
               valid_file=demo_data["sft_valid"], batch_size_per_gpu=4, max_source_len=32, max_target_len=32,
               max_steps=8, save_steps=4, eval_steps=4, logging_steps=4, max_eval_samples=12, bleu_samples=4,
-              num_threads=1, log_with="none", show_progress=False, debug_dump_samples=True, dropout_rate=0.1)
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+              num_threads=1, log_with="none", show_progress=False, dropout_rate=0.1)
+    env = script_env(dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1"))
     with socket.socket() as sock:  # torchrun's --master_port 0 hangs: pick a free port ourselves
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "train.py", "train"] + \
-        [f"--{k}={v}" for k, v in kw.items()]
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port)] + \
+        script_command(["train.py", "train"] + [f"--{k}={v}" for k, v in kw.items()], dump_samples=True)
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
                        start_new_session=True)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]

@@ -8,13 +8,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from instrumented import script_command, script_env
 from transformers import AutoModelForSeq2SeqLM
 
 from config import DPOConfig, make_config
 from model.chat_model import TextToTextModel
 from model.data.checkpoint import load_model_folder, save_model_folder
-from model.training.dpo import (PairScorer, PreferenceDataset, add_lora, collate_pairs, compute_reference_logps, dpo_loss,
-                                epoch_batches, read_preference_file, train_dpo, trainable_parameter_names)
+from model.data.preference_data import PreferenceDataset, collate_pairs, epoch_batches, read_preference_file
+from model.training.dpo import PairScorer, add_lora, compute_reference_logps, dpo_loss, train_dpo
 from tests.conftest import require_shared_data
 
 BETA = 0.1
@@ -179,10 +180,11 @@ def test_kill9_then_resume_equals_uninterrupted_run(sft_dir, demo_data, tmp_path
               lora_dropout=0.1, merge_lora=False, log_with="none")
     ref = train_dpo(_cfg(sft_dir, demo_data, tmp_path / "a", **kw))
     out_b = tmp_path / "b"
-    flags = dict(_cfg(sft_dir, demo_data, out_b, **kw).__dict__, debug_signal="7:SIGKILL")
+    flags = _cfg(sft_dir, demo_data, out_b, **kw).__dict__
     args = [f"--{k}={','.join(v) if isinstance(v, (tuple, list)) else v}" for k, v in flags.items() if v is not None]
-    p = subprocess.run([sys.executable, "dpo_train.py", "train", *args], cwd=Path(__file__).resolve().parents[1],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable] + script_command(["dpo_train.py", "train", *args], signal_at="7:SIGKILL"),
+                       cwd=Path(__file__).resolve().parents[1], env=script_env(), capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == -9, p.stderr[-2000:]
     assert latest_checkpoint(out_b).name == "step-4"
     res = train_dpo(_cfg(sft_dir, demo_data, out_b, is_keep_training=True, **kw))
@@ -200,7 +202,7 @@ def test_lora_wraps_only_target_modules(sft_dir):
     model = TextToTextModel.from_pretrained(str(sft_dir))
     cfg = make_config(DPOConfig, lora_target_modules="q,v", lora_r=4)
     peft_model = add_lora(model, cfg)
-    names = trainable_parameter_names(peft_model)
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert all(n.split(".lora_")[0].endswith((".q", ".v")) for n in names)
 
@@ -342,7 +344,7 @@ def test_generate_rejected_uses_batched_greedy_sft_answers(sft_dir, tmp_path):
     for _, row in df.iterrows():
         assert row["chosen"] == qa.set_index("prompt").loc[row["prompt"], "response"]
         enc = tok(row["prompt"], return_tensors="pt")
-        one = tok.decode(model.my_generate(enc["input_ids"], enc["attention_mask"], max_seq_len=6)[0],
+        one = tok.decode(model.my_generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=6)[0],
                          skip_special_tokens=True).strip()
         assert row["rejected"] == one
 

@@ -85,7 +85,7 @@ def test_every_search_type(model_and_tok, search_type):
     model, tok = model_and_tok
     enc = _batch(tok, PROMPTS)
     torch.manual_seed(0)
-    out = model.my_generate(enc.input_ids, enc.attention_mask, max_seq_len=12, search_type=search_type)
+    out = model.my_generate(enc.input_ids, enc.attention_mask, max_new_tokens=12, search_type=search_type)
     assert out.shape[0] == len(PROMPTS)
     assert 2 <= out.shape[1] <= 13
     assert (out[:, 0] == PAD_ID).all()
@@ -97,7 +97,7 @@ def test_greedy_matches_manual_argmax_decoding(model_and_tok):
     """Greedy with the KV cache equals step-by-step argmax over full recomputation."""
     model, tok = model_and_tok
     enc = _batch(tok, PROMPTS[:1])
-    out = model.my_generate(enc.input_ids, enc.attention_mask, max_seq_len=8, search_type="greedy")
+    out = model.my_generate(enc.input_ids, enc.attention_mask, max_new_tokens=8, search_type="greedy")
     dec = torch.tensor([[PAD_ID]])
     with torch.no_grad():
         for _ in range(out.shape[1] - 1):
@@ -112,8 +112,8 @@ def test_greedy_matches_manual_argmax_decoding(model_and_tok):
 def test_contrastive_with_zero_penalty_equals_greedy(model_and_tok):
     model, tok = model_and_tok
     enc = _batch(tok, PROMPTS)
-    g = model.my_generate(enc.input_ids, enc.attention_mask, max_seq_len=10, search_type="greedy")
-    c = model.my_generate(enc.input_ids, enc.attention_mask, max_seq_len=10, search_type="contrastive",
+    g = model.my_generate(enc.input_ids, enc.attention_mask, max_new_tokens=10, search_type="greedy")
+    c = model.my_generate(enc.input_ids, enc.attention_mask, max_new_tokens=10, search_type="contrastive",
                           penalty_alpha=0.0)
     width = min(g.shape[1], c.shape[1])
     # after EOS greedy pads with PAD and so does contrastive
@@ -123,9 +123,9 @@ def test_contrastive_with_zero_penalty_equals_greedy(model_and_tok):
 def test_contrastive_penalty_changes_choices(model_and_tok):
     model, tok = model_and_tok
     enc = _batch(tok, PROMPTS)
-    a = model.my_generate(enc.input_ids, enc.attention_mask, max_seq_len=16, search_type="contrastive",
+    a = model.my_generate(enc.input_ids, enc.attention_mask, max_new_tokens=16, search_type="contrastive",
                           penalty_alpha=0.0)
-    b = model.my_generate(enc.input_ids, enc.attention_mask, max_seq_len=16, search_type="contrastive",
+    b = model.my_generate(enc.input_ids, enc.attention_mask, max_new_tokens=16, search_type="contrastive",
                           penalty_alpha=0.9)
     assert a.tolist() != b.tolist()
 
@@ -134,11 +134,11 @@ def test_contrastive_penalty_changes_choices(model_and_tok):
 def test_streaming_equals_non_streamed(model_and_tok, search_type):
     model, tok = model_and_tok
     enc = _batch(tok, PROMPTS[1:2])
-    ref = model.my_generate(enc.input_ids, enc.attention_mask, max_seq_len=12, search_type=search_type)
+    ref = model.my_generate(enc.input_ids, enc.attention_mask, max_new_tokens=12, search_type=search_type)
     expected = tok.decode(ref[0], skip_special_tokens=True)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     th = threading.Thread(target=model.my_generate, kwargs=dict(
-        input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_seq_len=12, search_type=search_type,
+        input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=12, search_type=search_type,
         streamer=streamer))
     th.start()
     pieces = list(streamer)
@@ -188,9 +188,9 @@ def test_unknown_search_type_is_a_clear_error(model_and_tok):
     model, tok = model_and_tok
     enc = _batch(tok, PROMPTS[:1])
     with pytest.raises(ValueError, match="unknown search_type 'nucleus'.*greedy, beam, sampling, contrastive"):
-        model.my_generate(enc.input_ids, enc.attention_mask, max_seq_len=4, search_type="nucleus")
-    with pytest.raises(ValueError, match="max_seq_len"):
-        model.my_generate(enc.input_ids, enc.attention_mask, max_seq_len=0)
+        model.my_generate(enc.input_ids, enc.attention_mask, max_new_tokens=4, search_type="nucleus")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.my_generate(enc.input_ids, enc.attention_mask, max_new_tokens=0)
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from instrumented import instrumented
 
 from model.chat_model import TextToTextModel
 from model.data.dataset import collate_pairs
@@ -86,10 +87,11 @@ def test_packed_training_resumes_exactly_and_pads_little(tiny_tokenizer, demo_da
     kw = dict(preset="tiny", tokenizer_dir=tok, train_file=demo_data["sft"], valid_file=None, packing=True,
               batch_size_per_gpu=4, max_source_len=64, max_target_len=64, max_steps=10, save_steps=4,
               logging_steps=1, num_threads=1, log_with="none", show_progress=False, seed=5, streaming=streaming,
-              learning_rate=2e-3, dropout_rate=0.1, debug_dump_samples=True)
+              learning_rate=2e-3, dropout_rate=0.1)
     ref = train(make_config(TrainConfig, output_dir=str(tmp_path / "a"), **kw))
     assert ref["pad_share"] < 0.10, ref["pad_share"]
-    stopped = train(make_config(TrainConfig, output_dir=str(tmp_path / "b"), debug_signal="6:SIGTERM", **kw))
+    with instrumented(signal_at="6:SIGTERM"):
+        stopped = train(make_config(TrainConfig, output_dir=str(tmp_path / "b"), **kw))
     assert stopped["interrupted"] and stopped["steps"] == 6
     resumed = train(make_config(TrainConfig, output_dir=str(tmp_path / "b"), is_keep_training=True, **kw))
     assert resumed["param_checksum"] == ref["param_checksum"]

@@ -8,8 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from model.data.sources import normalize_turns
+from model.prompt import join_history
 from utils.readers import (Bad, Rec, SourceFileError, _JsonArrayStream, conversation_to_pairs, iter_dpo_records,
-                           join_history, normalize_turns, read_blocks, read_csv, read_dpo, read_fortune, read_html,
+                           read_blocks, read_csv, read_dpo, read_fortune, read_html,
                            read_ie, read_json, read_json_walk, read_jsonl, read_lines, read_manpage, read_parquet,
                            read_squad, read_tagged, read_wikiextractor, sniff_encoding)
 
@@ -297,3 +299,12 @@ def test_dpo_all_schemas(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(SourceFileError, match="nope.txt"):
         list(read_lines(str(tmp_path / "nope.txt")))
+
+
+def test_one_role_set_for_every_conversation_format():
+    conv = [{"from": "prompter", "value": "问"}, {"role": "answer", "content": "答"}, {"role": "tool", "content": 3},
+            {"from": "system", "value": "系统"}, {"content": "无角色"}]
+    assert normalize_turns(conv) == [("user", "问"), ("assistant", "答"), ("user", "3"), ("system", "系统"),
+                                     ("user", "无角色")]
+    with pytest.raises(ValueError, match="a list of turns"):
+        normalize_turns(None)

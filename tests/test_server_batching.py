@@ -15,7 +15,7 @@ from transformers import LogitsProcessor
 from model.serving.batching import BatchDecoder
 from model.serving.infer import ChatBot, GenerationCancelled
 from model.serving.server import ServerThread, create_app, get_state, sse_events
-from test_api import wait_for
+from helpers import wait_for
 
 PROMPTS = ["你好", "3加5等于多少？", "星期四的后一天是星期几？", "7千米等于多少米？", "怎样保持健康？",
            "十二加九等于多少？", "六月的上一个月是几月？", "你是谁？"]

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from instrumented import script_command, script_env
 from safetensors.torch import load_file
 
 from config import TrainConfig, make_config
-from model.training.trainer import build_optimizer, build_scheduler, latest_checkpoint, train
+from model.data.checkpoint import latest_checkpoint
+from model.training.engine import build_optimizer, build_scheduler
+from model.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,9 +35,11 @@ def base_kw(tok_dir, demo, out, **kw):
     return d
 
 
-def run_cli(kw: dict) -> subprocess.CompletedProcess:
-    args = [sys.executable, "train.py", "train"] + [f"--{k}={v}" for k, v in kw.items()]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_cli(kw: dict, signal_at: str) -> subprocess.CompletedProcess:
+    """train.py from the command line, signalled after update ``signal_at``'s STEP."""
+    args = [sys.executable] + script_command(["train.py", "train"] + [f"--{k}={v}" for k, v in kw.items()],
+                                             signal_at=signal_at)
+    return subprocess.run(args, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
 
 
 def weights(out) -> dict:
@@ -55,14 +60,14 @@ def test_kill9_and_sigterm_then_resume_equals_uninterrupted(tok_dir, demo_data, 
     kw = base_kw(tok_dir, demo_data, out, streaming=streaming, shuffle_buffer=40)
     if streaming:
         # SIGTERM at step 7: a checkpoint at 7 (not a save step), a clean exit, no final model
-        p = run_cli(dict(kw, debug_signal="7:SIGTERM"))
+        p = run_cli(kw, signal_at="7:SIGTERM")
         assert p.returncode == 0, p.stderr[-2000:]
         assert "SIGTERM: saved" in p.stdout + p.stderr
         assert latest_checkpoint(out).name == "step-7"
         assert not (out / "model.safetensors").exists()
         kw = dict(kw, is_keep_training=True)
     # kill -9 after step 12 (last checkpoint: step 10), from the command line
-    p = run_cli(dict(kw, debug_signal="12:SIGKILL"))
+    p = run_cli(kw, signal_at="12:SIGKILL")
     assert p.returncode == -9, p.stderr[-2000:]
     assert latest_checkpoint(out).name == "step-10"
     assert not (out / "model.safetensors").exists()
@@ -284,7 +289,7 @@ def test_copy_figures_on_a_uniform_model_and_on_an_oracle(tiny_tokenizer):
         def target_loss(self, input_ids, attention_mask, labels):
             return torch.tensor(0.0), int((labels != -100).sum())
 
-        def my_generate(self, input_ids, attention_mask, max_seq_len, search_type):
+        def my_generate(self, input_ids, attention_mask, max_new_tokens, search_type):
             out = torch.cat([torch.zeros_like(input_ids[:, :1]), input_ids], dim=1)
             out[out[:, 1] == 12, 1] = 13  # the row [12, EOS] comes out wrong
             return out

@@ -224,12 +224,6 @@ def sft_split(seed: int = SEED) -> tuple[list[tuple[str, str]], list[tuple[str, 
     return train, sorted(valid)
 
 
-def sft_pairs(seed: int = SEED) -> list[tuple[str, str]]:
-    """Every SFT pair, training and validation."""
-    train, valid = sft_split(seed)
-    return train + valid
-
-
 def corpus_lines(seed: int = SEED) -> list[str]:
     """Plain text for tokenizer training and pretraining: prose plus every training fact written as a sentence."""
     rng = random.Random(seed + 1)

@@ -301,7 +301,7 @@ def generate_rejected(model, tokenizer, prompts: list[str], batch_size: int = 32
                         return_tensors="pt")
         with torch.no_grad():
             ids = model.my_generate(enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                    max_seq_len=max_new_tokens, search_type="greedy")
+                                    max_new_tokens=max_new_tokens, search_type="greedy")
         for i, text in zip(b, tokenizer.batch_decode(ids, skip_special_tokens=True)):
             out[i] = text.strip()
     return out

@@ -48,8 +48,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from model.data.sources import normalize_turns
+from model.prompt import join_history
 from utils.dedup import DropDatasetDuplicate, ExactDeduper
-from utils.readers import Bad, Rec, SourceFileError, conversation_to_pairs, get_reader, join_history, normalize_turns
+from utils.readers import Bad, Rec, SourceFileError, conversation_to_pairs, get_reader
 from utils.text_cleaning import CleanOptions, clean_text, split_sentences, title_desc_prompt
 
 __all__ = ["run_pipeline", "load_config", "PRESETS", "DROP_REASONS", "main"]
@@ -545,7 +547,10 @@ class _Row:
     first_chunk: bool = True
 
 
-class Pipeline:
+class DataStage:
+    """The data stage over one config: maps each source's records to rows, cleans them, drops duplicates
+    (exact and near, across all sources) and writes the stage's outputs."""
+
     def __init__(self, cfg: dict, out_dir: Path):
         self.cfg = cfg
         self.out_dir = out_dir
@@ -929,7 +934,7 @@ def run_pipeline(config_path, output_dir: str | os.PathLike | None = None, **ove
     out.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(out, False)
     log.info("config %s -> %s (data_root %s)", cfg["_config_path"], out, _resolve_root(cfg))
-    pipe = Pipeline(cfg, out)
+    pipe = DataStage(cfg, out)
     outs = Outputs(out, cfg)
     stats: dict[str, SourceStats] = {}
     progress = None

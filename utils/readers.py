@@ -31,12 +31,13 @@ from typing import Any, Callable, Iterator
 
 import ujson
 
+from model.data.sources import normalize_turns
 from model.prompt import join_history
 from utils.text_cleaning import strip_ansi, troff_to_text
 
 __all__ = [
     "Rec", "Bad", "SourceFileError", "BAD_REASONS", "READERS", "get_reader", "iter_dpo_records",
-    "conversation_to_pairs", "join_history", "normalize_turns", "read_lines", "read_tagged", "read_blocks",
+    "conversation_to_pairs", "read_lines", "read_tagged", "read_blocks",
     "read_fortune", "read_jsonl", "read_json", "read_json_walk", "read_squad", "read_csv", "read_parquet",
     "read_manpage", "read_html", "read_wikiextractor", "read_ie", "read_dpo", "sniff_encoding",
 ]
@@ -1094,32 +1095,6 @@ def read_ie(path: str, **opts) -> Iterator[Rec | Bad]:
 
 
 # ================================================================================================ conversations
-_USER_ROLES = {"human", "user", "prompter", "question"}
-_ASSISTANT_ROLES = {"gpt", "assistant", "bot", "chatgpt", "model", "answer"}
-
-
-def normalize_turns(conv: list) -> list[tuple[str, str]]:
-    """``[{from|role, value|content}]`` -> ``[("user"|"assistant"|"system", text)]``."""
-    out = []
-    for t in conv or []:
-        if not isinstance(t, dict):
-            raise ValueError("conversation turn is not an object")
-        role = str(t.get("from", t.get("role", ""))).lower()
-        text = t.get("value", t.get("content"))
-        if text is None:
-            raise ValueError("conversation turn without value/content")
-        if role in _USER_ROLES:
-            role = "user"
-        elif role in _ASSISTANT_ROLES:
-            role = "assistant"
-        elif role == "system":
-            role = "system"
-        else:
-            role = "user" if role in ("observation", "function", "tool") else role or "user"
-        out.append((role, str(text)))
-    return out
-
-
 def conversation_to_pairs(turns: list[tuple[str, str]], mode: str = "last") -> list[tuple[str, str]]:
     """(prompt, response) pairs from a conversation.  ``mode="last"``: one pair, the last assistant turn is the
     response and everything before it is joined into the prompt; ``mode="per_turn"``: one pair per assistant

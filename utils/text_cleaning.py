@@ -237,114 +237,136 @@ def troff_to_text(source: str) -> str:
     characters); ``.nf`` blocks keep their line breaks.  Font changes, size changes, comments, macro
     definitions and conditionals are dropped; special characters (``\\(em``, ``\\-``) become their Unicode form.
     """
-    out_lines: list[str] = []
-    para: list[str] = []
-    nofill = False
-    skip_until: str | None = None
-    pending_tag = False
-    name = ""
-
-    def flush():
-        if para:
-            out_lines.append(" ".join(p for p in para if p))
-            para.clear()
-
+    renderer = _TroffRenderer()
     for raw in source.split("\n"):
-        if skip_until is not None:
-            if (skip_until == ".." and raw.strip().startswith("..")) or (skip_until != ".." and skip_until in raw):
-                skip_until = None
-            continue
+        renderer.feed(raw)
+    return renderer.text()
+
+
+class _TroffRenderer:
+    """The state of one troff rendering: lines out, the paragraph being filled, fill mode, a skipped block, a
+    pending ``.TP`` tag and the page name (mdoc macros print it)."""
+
+    def __init__(self):
+        self.out_lines: list[str] = []
+        self.para: list[str] = []
+        self.nofill = False
+        self.skip_until: str | None = None
+        self.pending_tag = False
+        self.name = ""
+
+    def text(self) -> str:
+        self.flush()
+        text = "\n".join(self.out_lines)
+        text = re.sub(r"\n{3,}", "\n\n", text)
+        return text.strip("\n")
+
+    def flush(self) -> None:
+        if self.para:
+            self.out_lines.append(" ".join(p for p in self.para if p))
+            self.para.clear()
+
+    def feed(self, raw: str) -> None:
+        if self.skip_until is not None:
+            end = self.skip_until
+            if (end == ".." and raw.strip().startswith("..")) or (end != ".." and end in raw):
+                self.skip_until = None
+            return
         line = raw.rstrip()
         if not line:
-            if nofill:
-                flush()
-                out_lines.append("")
-            continue
+            if self.nofill:
+                self.flush()
+                self.out_lines.append("")
+            return
         if line[0] in ".'":
-            body = line[1:].lstrip()
-            if body.startswith('\\"') or body.startswith("\\#") or not body:
-                continue
-            parts = body.split(None, 1)
-            req = parts[0]
-            rest = parts[1] if len(parts) > 1 else ""
-            if req in ("de", "de1", "am", "ig"):
-                skip_until = ".."
-                continue
-            if req in ("if", "ie", "el"):
-                if "\\{" in rest and "\\}" not in rest:
-                    skip_until = "\\}"  # skip a multi-line conditional block
-                continue
-            if req == "TH" or req == "Dt":
-                args = _troff_args(rest)
-                if args:
-                    name = _troff_inline(args[0]).strip().lower()
-                continue
-            if req in ("nf", "EX", "Bd"):
-                flush()
-                nofill = True
-                continue
-            if req in ("fi", "EE", "Ed"):
-                flush()
-                nofill = False
-                continue
-            if req in ("SH", "Sh", "SS", "Ss"):
-                flush()
-                heading = _troff_inline(" ".join(_troff_args(rest))).strip()
-                if out_lines and out_lines[-1] != "":
-                    out_lines.append("")
-                if heading:
-                    out_lines.append(heading)
-                continue
-            if req in ("TP", "TQ"):
-                flush()
-                pending_tag = True
-                continue
-            if req in ("IP", "It"):
-                flush()
-                args = _troff_args(rest)
-                if req == "IP":
-                    tag = _troff_inline(args[0]).strip() if args else ""
-                else:
-                    tag = _troff_inline(_mdoc_line(args, name)).strip()
-                if tag:
-                    out_lines.append(tag)
-                continue
-            if req in _TROFF_BREAK:
-                flush()
-                continue
-            if req in _TROFF_SKIP:
-                continue
-            args = _troff_args(rest)
-            if req in ("B", "I", "SM", "SB", "R"):
-                text = " ".join(args)
-            elif req in _TROFF_ALTERNATING:
-                text = "".join(args)
-            elif req in _MDOC_CALLABLE or req in ("Nd", "Xo", "Xc", "D1", "Dl"):
-                text = _mdoc_line([req] + args, name)
-                if req == "Nd":
-                    text = "- " + text
-            elif len(req) <= 3 and req[:1].isalpha():
-                continue  # unknown request: drop rather than leak macro names into the text
-            else:
-                text = " ".join(args)
-            text = _troff_inline(text).strip()
+            text = self._request(line[1:].lstrip())
+            if text is None:
+                return
         else:
             text = _troff_inline(line)
-            text = text if nofill else text.strip()
-        if not text and not nofill:
-            continue
-        if pending_tag:
-            out_lines.append(text.strip())
-            pending_tag = False
-            continue
-        if nofill:
-            out_lines.append(text)
+            text = text if self.nofill else text.strip()
+        self._emit(text)
+
+    def _emit(self, text: str) -> None:
+        if not text and not self.nofill:
+            return
+        if self.pending_tag:
+            self.out_lines.append(text.strip())
+            self.pending_tag = False
+        elif self.nofill:
+            self.out_lines.append(text)
         else:
-            para.append(text)
-    flush()
-    text = "\n".join(out_lines)
-    text = re.sub(r"\n{3,}", "\n\n", text)
-    return text.strip("\n")
+            self.para.append(text)
+
+    def _request(self, body: str) -> str | None:
+        """A request line (after its dot): the text it prints, or None when it only changes the layout."""
+        if body.startswith('\\"') or body.startswith("\\#") or not body:
+            return None
+        parts = body.split(None, 1)
+        req = parts[0]
+        rest = parts[1] if len(parts) > 1 else ""
+        if req in ("de", "de1", "am", "ig"):
+            self.skip_until = ".."
+            return None
+        if req in ("if", "ie", "el"):
+            if "\\{" in rest and "\\}" not in rest:
+                self.skip_until = "\\}"  # skip a multi-line conditional block
+            return None
+        if self._layout(req, rest) or req in _TROFF_SKIP:
+            return None
+        return self._request_text(req, rest)
+
+    def _layout(self, req: str, rest: str) -> bool:
+        """Apply a request that sets the page name, fill mode, headings, tags or breaks; False for others."""
+        if req == "TH" or req == "Dt":
+            args = _troff_args(rest)
+            if args:
+                self.name = _troff_inline(args[0]).strip().lower()
+        elif req in ("nf", "EX", "Bd", "fi", "EE", "Ed"):
+            self.flush()
+            self.nofill = req in ("nf", "EX", "Bd")
+        elif req in ("SH", "Sh", "SS", "Ss"):
+            self.flush()
+            heading = _troff_inline(" ".join(_troff_args(rest))).strip()
+            if self.out_lines and self.out_lines[-1] != "":
+                self.out_lines.append("")
+            if heading:
+                self.out_lines.append(heading)
+        elif req in ("TP", "TQ"):
+            self.flush()
+            self.pending_tag = True
+        elif req in ("IP", "It"):
+            self.flush()
+            args = _troff_args(rest)
+            if req == "IP":
+                tag = _troff_inline(args[0]).strip() if args else ""
+            else:
+                tag = _troff_inline(_mdoc_line(args, self.name)).strip()
+            if tag:
+                self.out_lines.append(tag)
+        elif req in _TROFF_BREAK:
+            self.flush()
+        else:
+            return False
+        return True
+
+    def _request_text(self, req: str, rest: str) -> str | None:
+        """The text of a font, alternating-font or mdoc request; None for an unknown request (dropped rather
+        than leaking macro names into the text)."""
+        args = _troff_args(rest)
+        if req in ("B", "I", "SM", "SB", "R"):
+            text = " ".join(args)
+        elif req in _TROFF_ALTERNATING:
+            text = "".join(args)
+        elif req in _MDOC_CALLABLE or req in ("Nd", "Xo", "Xc", "D1", "Dl"):
+            text = _mdoc_line([req] + args, self.name)
+            if req == "Nd":
+                text = "- " + text
+        elif len(req) <= 3 and req[:1].isalpha():
+            return None
+        else:
+            text = " ".join(args)
+        return _troff_inline(text).strip()
 
 
 def _mdoc_line(tokens: list[str], name: str) -> str:

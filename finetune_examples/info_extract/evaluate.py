@@ -174,7 +174,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], batch_size: int
             if constrained:
                 processors = LogitsProcessorList([TripleConstraint(
                     [source_sentence(tokenizer, enc[i]) for i in idx], pieces, EOS_ID, predicates, beams)])
-            gen = model.my_generate(ids.to(device), mask.to(device), max_seq_len=max_new_tokens,
+            gen = model.my_generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
                                     search_type=search_type, num_beams=beams, logits_processor=processors)
             for r, text in enumerate(tokenizer.batch_decode(gen, skip_special_tokens=True)):
                 out[idx[r]] = text.strip()

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from config import MODEL_PRESETS, SHARED_DATA, TrainConfig, config_help, run_cli
+from config import MODEL_PRESETS, SHARED_DATA, TRAIN_PRESETS, TrainConfig, config_help, run_cli
 from finetune_examples.info_extract.data_process import format_triples, make_prompt, process, read_ie_file
 from finetune_examples.info_extract.evaluate import evaluate
 from model.tokenizer.build import save_tokenizer, train_tokenizer
@@ -31,13 +31,6 @@ from model.training.trainer import Seq2SeqObjective, probe_seconds_per_step, tra
 DUIE = SHARED_DATA / "ie" / "duie"
 
 # Trainer settings for this task; any TrainConfig field given on the command line wins.
-IE_TRAIN_DEFAULTS = dict(
-    epochs=3, batch_size_per_gpu=16, learning_rate=5e-4, lr_scheduler="cosine", warmup_steps=0.05,
-    max_source_len=192, max_target_len=128, save_steps=0, eval_steps=0, logging_steps=20,  # 0: off
-    bleu_samples=0, log_with="none", num_threads=2, cpu=False,
-)
-
-
 class ExtractionObjective(Seq2SeqObjective):
     """The seq2seq objective, and at every evaluation the dev F1 of greedy extraction on ``curve_file``'s first
     ``curve_limit`` sentences, so metrics.jsonl holds an F1-versus-updates curve (main process only: the
@@ -109,7 +102,7 @@ def finetune(train_file: str = str(DUIE / "duie_train.json"), dev_file: Optional
         tok_dir = str(out.parent / f"{out.name}_tokenizer")
         vocab = MODEL_PRESETS.get(preset, {}).get("vocab_size", 8192)
         build_tokenizer(train_file, tok_dir, vocab)
-    settings = {**IE_TRAIN_DEFAULTS, **train_overrides}
+    settings = {**TRAIN_PRESETS["ie"], **train_overrides}
     if init_from and "learning_rate" not in train_overrides:
         settings["learning_rate"] = 1e-4  # a pretrained model needs a gentler step than a fresh one
     paths = process(train_file, dev_file, data_dir, tokenizer_dir=tok_dir,
@@ -183,7 +176,7 @@ def main(**kw):
         opts = [f"  --{n:<26s} default {p.default!r}" for n, p in inspect.signature(finetune).parameters.items()
                 if p.kind is p.KEYWORD_ONLY or p.default is not p.empty]
         print("finetune.py options:\n" + "\n".join(opts) + "\n\nand every TrainConfig field (defaults: "
-              f"IE_TRAIN_DEFAULTS in this file):\n{config_help(TrainConfig)}")
+              f"TRAIN_PRESETS['ie'] in config.py):\n{config_help(TrainConfig)}")
         return
     _print(finetune(**kw))
 

@@ -38,7 +38,7 @@ def is_adapter(model) -> bool:
 def _write_model(model, tokenizer, folder: Path) -> None:
     model = getattr(model, "module", model)
     model.save_pretrained(str(folder), safe_serialization=True)
-    if not getattr(tokenizer, "chat_template", None):  # a tokenizer from before the template: add it
+    if not getattr(tokenizer, "chat_template", None):  # a tokenizer saved without the template: add it
         from model.prompt import CHAT_TEMPLATE
         tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(folder), save_jinja_files=False)  # chat_template in tokenizer_config.json

@@ -391,7 +391,7 @@ class TextToTextDataset(torch.utils.data.Dataset):
         if sum(len(v) for v in self.valid_rows) == 0:
             raise ValueError(f"no usable rows in {', '.join(s.path for s in self.sources)} "
                              f"(skipped {sum(self.skipped.values())} empty rows)")
-        self._keys0 = self.epoch_keys(0)
+        self.sample_keys = self.epoch_keys(0)  # the samples in index order (len and [i]; evaluation walks them)
 
     def epoch_keys(self, epoch: int) -> np.ndarray:
         """(source, row, occurrence) of every sample of an epoch, before shuffling."""
@@ -423,10 +423,10 @@ class TextToTextDataset(torch.utils.data.Dataset):
         return self.encoder.to_pair(self.item(key), epoch, key)
 
     def __len__(self) -> int:
-        return len(self._keys0)
+        return len(self.sample_keys)
 
     def __getitem__(self, i: int) -> dict:
-        s, t = self.pair(self._keys0[i], 0)
+        s, t = self.pair(self.sample_keys[i], 0)
         return {"input_ids": s.tolist(), "labels": t.tolist()}
 
 

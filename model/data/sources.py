@@ -51,8 +51,10 @@ from model.prompt import render_messages
 HF_PREFIX = "hf:"
 FILE_TYPES = (".parquet", ".txt", ".jsonl", ".json", ".csv")
 SCHEMAS = ("pairs", "completion", "alpaca", "messages", "text")
-USER_ROLES = {"user", "human"}
-ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model", "chatgpt"}
+# The one role set of every conversation format read here: ShareGPT (from/value), OpenAI (role/content), OASST.
+USER_ROLES = {"user", "human", "prompter", "question"}
+ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model", "chatgpt", "answer"}
+TOOL_ROLES = {"observation", "function", "tool"}  # tool output is input to the model: read as a user turn
 MAX_EXAMPLES = 5
 
 
@@ -204,7 +206,9 @@ def detect_schema(names, path: str, mapping: Optional[dict] = None) -> tuple[str
                      f"{', '.join(names) or 'none'} (name others with ?prompt=COL&response=COL)")
 
 
-def _turns(conv) -> list[tuple[str, str]]:
+def normalize_turns(conv) -> list[tuple[str, str]]:
+    """``[{role|from, content|value}]`` -> ``[("user"|"assistant"|"system"|other, text)]``: the one reading of a
+    conversation, for the training sources and the data stage alike. A turn without a role is a user turn."""
     if not isinstance(conv, (list, tuple)):
         raise ValueError("a list of turns")
     out = []
@@ -213,17 +217,20 @@ def _turns(conv) -> list[tuple[str, str]]:
             raise ValueError("turns as objects with role/content (or from/value)")
         role = str(t.get("role", t.get("from", "")) or "").lower()
         text = t.get("content", t.get("value"))
-        if not isinstance(text, str):
+        if not isinstance(text, (str, int, float)):
             raise ValueError("a string content/value in every turn")
-        role = "user" if role in USER_ROLES else "assistant" if role in ASSISTANT_ROLES else role or "user"
-        out.append((role, text))
+        if role in USER_ROLES or role in TOOL_ROLES:
+            role = "user"
+        elif role in ASSISTANT_ROLES:
+            role = "assistant"
+        out.append((role or "user", str(text)))
     return out
 
 
 def messages_to_pair(conv) -> tuple[str, str]:
     """A conversation -> (prompt: the turns before the last assistant turn through the chat template's layout,
     response: the last assistant turn). System turns are joined into one system message first."""
-    turns = _turns(conv)
+    turns = normalize_turns(conv)
     last = max((i for i, (r, _) in enumerate(turns) if r == "assistant"), default=-1)
     if last < 0 or not turns[last][1].strip():
         raise ValueError("an assistant turn with text (the response)")

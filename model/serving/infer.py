@@ -475,7 +475,7 @@ class ChatBot:
                 mask[i, :len(x)] = 1
             dev = self.model.device
             extra = {k: s[k] for k in GEN_KEYS if k not in ("search_type", "max_new_tokens")}
-            out = self.model.my_generate(ids.to(dev), mask.to(dev), max_seq_len=s["max_new_tokens"],
+            out = self.model.my_generate(ids.to(dev), mask.to(dev), max_new_tokens=s["max_new_tokens"],
                                          search_type=s["search_type"], streamer=streamer, **extra)
             outs = [row[1:] for row in out.tolist()]  # drop the decoder start token
         cut = []

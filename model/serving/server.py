@@ -26,17 +26,15 @@ import os
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import AsyncIterator, Callable, Iterator, Optional
 
 import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -44,26 +42,15 @@ from config import EOS_ID, InferConfig
 from model.serving.batching import BATCH_SEARCH_TYPES, BatchDecoder
 from model.serving.infer import (ChatBot, GenerationCancelled, GenerationResult, PromptTooLong, TokenStreamer,
                                  torch_thread_init)
+from model.serving.protocol import (SSE_DONE, APIError, ChatIn, CompletionIn, GenerationIn, GenerationRequest, Reply,
+                                    TextCompletionIn, error_body, parse_generation, reject_unsupported, single_prompt,
+                                    split_messages, sse)
 
 API_KEY_ENV = "CHATLM_API_KEY"
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"  # the web chat page served at /
 
 
 # ---------------------------------------------------------------------------------------- errors
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: Optional[str] = None, headers: Optional[dict] = None, param: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.headers, self.param = (
-            status, message, type_, code, headers, param)
-
-
-def error_body(message: str, type_: str = "invalid_request_error", code: Optional[str] = None,
-               param: Optional[str] = None) -> dict:
-    """OpenAI's error shape, so OpenAI clients raise a readable exception."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
 def _json_error(status: int, message: str, type_: str = "invalid_request_error", code: Optional[str] = None,
                 headers: Optional[dict] = None, param: Optional[str] = None) -> JSONResponse:
     return JSONResponse(error_body(message, type_, code, param), status_code=status, headers=headers)
@@ -132,80 +119,6 @@ class GuardMiddleware:
                                 f"bytes (max_body_bytes)", code="body_too_large",
                            headers={"Connection": "close"})
         return await resp(scope, receive, send)
-
-
-# ------------------------------------------------------------------------------------ request models
-class ChatIn(BaseModel):
-    """The reference's request: ``{"input_txt": "..."}``."""
-    model_config = ConfigDict(extra="ignore")
-    input_txt: str = Field(min_length=1)
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str
-    text: Optional[str] = None
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for p in self.content:
-            if p.type != "text" or p.text is None:
-                raise APIError(400, f"content part of type {p.type!r} is not supported (text only)",
-                               param="messages")
-            parts.append(p.text)
-        return "".join(parts)
-
-
-class GenerationIn(BaseModel):
-    """Fields shared by /v1/chat/completions and /v1/completions."""
-    model_config = ConfigDict(extra="ignore")
-    model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    stream: bool = False
-    stream_options: Optional[dict[str, Any]] = None
-    n: Optional[int] = Field(None, ge=1)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    logprobs: Any = None
-    logit_bias: Optional[dict[str, Any]] = None
-    # extensions (not in OpenAI's API)
-    search_type: Optional[Literal["greedy", "beam", "sampling", "contrastive"]] = None
-    top_k: Optional[int] = Field(None, ge=1, le=1000)
-    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
-
-
-class CompletionIn(GenerationIn):
-    """``POST /v1/chat/completions``."""
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
-    top_logprobs: Optional[int] = None
-
-
-class TextCompletionIn(GenerationIn):
-    """``POST /v1/completions``: raw prompt text in, text out (no chat layout)."""
-    prompt: Union[str, list[str]]
-    echo: bool = False
-    suffix: Optional[str] = None
-    best_of: Optional[int] = None
 
 
 @dataclass
@@ -411,92 +324,124 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
         cancel.set()
 
 
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+# ------------------------------------------------------------------------------------ error answers
+async def _api_error(_req, exc: APIError):
+    return _json_error(exc.status, exc.message, exc.type, exc.code, exc.headers, exc.param)
 
 
-def _reject_unsupported(body: BaseModel, names: tuple[str, ...]) -> None:
-    for name in names:
-        v = getattr(body, name, None)
-        if name == "response_format" and isinstance(v, dict) and v.get("type") == "text":
-            continue  # the default: plain text
-        if v not in (None, False, [], {}):
-            raise APIError(400, f"{name} is not supported by this server (a plain text chat model); "
-                                f"remove the field", param=name, code="unsupported_parameter")
+async def _validation_error(_req, exc: RequestValidationError):
+    """400 for malformed JSON, 422 naming up to five invalid fields otherwise."""
+    errs = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errs):
+        e = next(e for e in errs if e.get("type") == "json_invalid")
+        ctx = e.get("ctx") or {}
+        return _json_error(400, f"malformed JSON body: {ctx.get('error', e.get('msg'))}", code="invalid_json")
+    parts = []
+    for e in errs[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{loc}: {e.get('msg')}")
+    first = ".".join(str(x) for x in errs[0].get("loc", ()) if x != "body") if errs else None
+    return _json_error(422, "invalid request: " + "; ".join(parts), code="invalid_request", param=first or None)
 
 
-# ------------------------------------------------------------------------------------------- app
-def create_app(bot: ChatBot, cfg: Optional[InferConfig] = None):
-    """The ASGI app around one loaded ``ChatBot`` (its config gives the limits unless ``cfg`` is given)."""
-    cfg = cfg or bot.cfg
-    state = ServerState(bot, cfg)
+async def _http_error(_req, exc: StarletteHTTPException):
+    return _json_error(exc.status_code, str(exc.detail), code=str(exc.status_code), headers=exc.headers)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        yield
-        state.shutdown()
 
-    app = FastAPI(title="ChatLM-mini-Chinese API", lifespan=lifespan)
-    app.state.chat = state
-    watchers: set[asyncio.Task] = set()
+async def _unexpected_error(_req, exc: Exception):  # last resort: a JSON body, never a bare traceback
+    return _json_error(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
 
-    @app.exception_handler(APIError)
-    async def _api_error(_req, exc: APIError):
-        return _json_error(exc.status, exc.message, exc.type, exc.code, exc.headers, exc.param)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_req, exc: RequestValidationError):
-        errs = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errs):
-            e = next(e for e in errs if e.get("type") == "json_invalid")
-            ctx = e.get("ctx") or {}
-            return _json_error(400, f"malformed JSON body: {ctx.get('error', e.get('msg'))}", code="invalid_json")
-        parts = []
-        for e in errs[:5]:
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-            parts.append(f"{loc}: {e.get('msg')}")
-        first = ".".join(str(x) for x in errs[0].get("loc", ()) if x != "body") if errs else None
-        return _json_error(422, "invalid request: " + "; ".join(parts), code="invalid_request", param=first or None)
+ERROR_HANDLERS = ((APIError, _api_error), (RequestValidationError, _validation_error),
+                  (StarletteHTTPException, _http_error), (Exception, _unexpected_error))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_req, exc: StarletteHTTPException):
-        return _json_error(exc.status_code, str(exc.detail), code=str(exc.status_code), headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_req, exc: Exception):  # last resort: a JSON body, never a bare traceback
-        return _json_error(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
+# ------------------------------------------------------------------------------------- streaming
+END_OF_PIECES = object()  # put on a stream's piece queue once its generation ends
 
-    def prompt_ids(query: str, history=None, system=None) -> list[int]:
+
+async def completion_events(reply: Reply, job: Job, pieces: asyncio.Queue, n: int, include_usage: bool,
+                            on_success: Callable[[], None], on_close: Callable[[], None]) -> AsyncIterator[str]:
+    """The SSE events of one streamed answer: the chat role openers, each ``(choice, text)`` piece from
+    ``pieces`` as it arrives (until ``END_OF_PIECES``), the finish reasons, the usage if asked, ``[DONE]``.
+
+    A generation that fails after the headers are sent is reported in-band; a cancelled one just ends.
+    ``on_close`` runs however the stream ends (the client may leave at any event).
+    """
+    try:
+        if reply.chat:
+            for i in range(n):
+                yield reply.chunk(i, None, role=True)
+        while True:
+            item = await pieces.get()
+            if item is END_OF_PIECES:
+                break
+            yield reply.chunk(item[0], item[1])
         try:
-            return bot.build_input_ids(query, history, system, strict=True)
+            results = job.future.result()
+        except (GenerationCancelled, concurrent.futures.CancelledError):
+            return
+        except Exception as e:  # headers are sent: report in-band, then end the stream
+            yield sse(error_body(f"generation failed: {e}", "server_error"))
+            yield SSE_DONE
+            return
+        on_success()
+        for i, r in enumerate(results):
+            yield reply.chunk(i, None, r.finish_reason)
+        if include_usage:
+            yield reply.usage_chunk(results)
+        yield SSE_DONE
+    finally:
+        on_close()
+
+
+# ----------------------------------------------------------------------------------- generations
+class Generations:
+    """Runs parsed requests for the routes: prompt ids, settings checked before admission, one streamer per
+    choice, the disconnect watch, and the JSON or streamed answer. One per app, over its ``ServerState``."""
+
+    def __init__(self, state: ServerState):
+        self.state, self.bot, self.cfg = state, state.bot, state.cfg
+        self.watchers: set[asyncio.Task] = set()
+
+    def prompt_ids(self, query: str, history=None, system=None) -> list[int]:
+        try:
+            return self.bot.build_input_ids(query, history, system, strict=True)
         except PromptTooLong as e:
             raise APIError(400, str(e), code="context_length_exceeded", param="messages")
 
-    def check(settings: dict, extra: dict) -> dict:
+    def text_prompt_ids(self, prompt: str) -> list[int]:
+        """Raw prompt text (no chat layout) followed by ``[EOS]``, within ``max_prompt_tokens``."""
+        ids = self.bot.tokenizer(prompt, add_special_tokens=False)["input_ids"] + [EOS_ID]
+        if len(ids) > self.cfg.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, more than the limit of "
+                                f"{self.cfg.max_prompt_tokens} (max_prompt_tokens); shorten it",
+                           code="context_length_exceeded", param="prompt")
+        return ids
+
+    def check(self, settings: dict, extra: dict) -> dict:
         """Per-request settings checked before admission (clear 400s)."""
         try:
-            settings = bot.settings(**settings)
+            settings = self.bot.settings(**settings)
         except ValueError as e:
             raise APIError(400, str(e))
-        if not state.batched(settings):
+        if not self.state.batched(settings):
             for name in ("presence_penalty", "frequency_penalty"):
                 if extra.get(name):
                     raise APIError(400, f"{name} needs greedy or sampling decoding on the torch engine "
-                                        f"(this request: {settings['search_type']} on {bot.engine}"
-                                        f"{', batching off' if not cfg.batching else ''})", param=name)
+                                        f"(this request: {settings['search_type']} on {self.bot.engine}"
+                                        f"{', batching off' if not self.cfg.batching else ''})", param=name)
             if extra.get("seed") is not None and settings["search_type"] == "sampling":
                 raise APIError(400, "seed needs the batched torch engine (--batching, --engine=torch)", param="seed")
         return settings
 
-    def start(request: Request, ids: list[int], settings: dict, n: int = 1, stop=(), on_text=None,
-              extra: Optional[dict] = None) -> Job:
+    def start(self, request: Request, ids: list[int], gen: GenerationRequest, on_text=None) -> Job:
         """Admit, create the request's streamers (one per choice), queue the generation, watch for disconnects.
 
         ``on_text(i, piece)`` receives choice ``i``'s text as it is generated (in the decoding thread).
         """
-        extra = extra or {}
-        settings = check(settings, extra)
-        state.admit()
+        settings = self.check(gen.settings, gen.extra)
+        self.state.admit()
         cancel = threading.Event()
         job = Job(None, [], time.perf_counter())
 
@@ -507,184 +452,130 @@ def create_app(bot: ChatBot, cfg: Optional[InferConfig] = None):
                 if on_text is not None:
                     on_text(i, piece)
             return cb
-        job.streamers = [bot.new_streamer(on_text=piece_cb(i), cancel=cancel, stop=stop) for i in range(n)]
-        job.future = state.submit(ids, settings, job.streamers, **extra)
+        job.streamers = [self.bot.new_streamer(on_text=piece_cb(i), cancel=cancel, stop=gen.stop)
+                         for i in range(gen.n)]
+        job.future = self.state.submit(ids, settings, job.streamers, **gen.extra)
         task = asyncio.get_running_loop().create_task(_watch_disconnect(request, cancel))
-        watchers.add(task)
-        task.add_done_callback(watchers.discard)
+        self.watchers.add(task)
+        task.add_done_callback(self.watchers.discard)
         return job
 
-    def stop_job(job: Job) -> None:
+    def stop(self, job: Job) -> None:
         if not job.future.done():  # the client left (or the server stops): stop generating
             job.streamers[0].cancel.set()
             job.future.cancel()
 
-    async def finish(job: Job) -> list[GenerationResult]:
+    async def finish(self, job: Job) -> list[GenerationResult]:
         try:
             out = await asyncio.wrap_future(job.future)
-            state.observe(job)
+            self.state.observe(job)
             return out
         except GenerationCancelled:
             raise APIError(499, "request cancelled", code="cancelled")
         except ValueError as e:  # settings the engine cannot honour (e.g. contrastive on ct2)
             raise APIError(400, str(e))
         finally:
-            stop_job(job)
+            self.stop(job)
 
-    def common(body: GenerationIn, max_new: Optional[int]) -> tuple[dict, dict, int, list[str]]:
-        """(settings, extra, n, stop) from the fields both completion endpoints share."""
-        _reject_unsupported(body, ("logit_bias", "logprobs"))
-        n = body.n or 1
-        if n > cfg.max_n:
-            raise APIError(400, f"n={n} is over this server's limit of {cfg.max_n} choices (max_n)", param="n")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 4:
-            raise APIError(400, f"stop takes at most 4 strings, got {len(stop)}", param="stop")
-        if any(not x for x in stop):
-            raise APIError(400, "stop strings must not be empty", param="stop")
-        if max_new is not None and max_new > cfg.max_new_tokens:
-            raise APIError(400, f"max_tokens {max_new} is over this server's limit of {cfg.max_new_tokens}",
-                           param="max_tokens", code="max_tokens_too_large")
-        settings: dict[str, Any] = {"max_new_tokens": max_new, "top_k": body.top_k, "top_p": body.top_p,
-                                    "repetition_penalty": body.repetition_penalty}
-        if body.search_type is not None:
-            settings["search_type"] = body.search_type
-            if body.temperature:
-                settings["temperature"] = body.temperature
-        elif body.temperature is not None:
-            if body.temperature == 0:
-                settings["search_type"] = "greedy"
-            else:
-                settings.update(search_type="sampling", temperature=body.temperature)
-        extra = {"seed": body.seed, "presence_penalty": body.presence_penalty or 0.0,
-                 "frequency_penalty": body.frequency_penalty or 0.0}
-        return settings, extra, n, stop
-
-    async def respond(request: Request, body: GenerationIn, ids: list[int], settings: dict, extra: dict, n: int,
-                      stop: list[str], chat: bool):
+    async def respond(self, request: Request, body: GenerationIn, ids: list[int], gen: GenerationRequest,
+                      chat: bool):
         """The non-streamed JSON answer or the SSE stream, for either completion endpoint."""
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-                "model": bot.model_name}
-        obj = "chat.completion" if chat else "text_completion"
-
-        def usage(results) -> dict:
-            c = sum(r.completion_tokens for r in results)
-            return {"prompt_tokens": len(ids), "completion_tokens": c, "total_tokens": len(ids) + c}
-
+        reply = Reply(chat, self.bot.model_name, len(ids))
         if not body.stream:
-            results = await finish(start(request, ids, settings, n, stop, extra=extra))
-            if chat:
-                choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                            "finish_reason": r.finish_reason} for i, r in enumerate(results)]
-            else:
-                choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-                           for i, r in enumerate(results)]
-            return {**head, "object": obj, "choices": choices, "usage": usage(results)}
-
+            return reply.body(await self.finish(self.start(request, ids, gen)))
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
-        end = object()
 
         def on_text(i: int, piece: str) -> None:  # called in the decoding thread
             loop.call_soon_threadsafe(pieces.put_nowait, (i, piece))
 
-        job = start(request, ids, settings, n, stop, on_text=on_text, extra=extra)
-        job.future.add_done_callback(lambda _f: loop.call_soon_threadsafe(pieces.put_nowait, end))
+        job = self.start(request, ids, gen, on_text=on_text)
+        job.future.add_done_callback(lambda _f: loop.call_soon_threadsafe(pieces.put_nowait, END_OF_PIECES))
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-
-        def chunk(i: int, text: Optional[str], finish_reason=None, role: bool = False) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-                return _sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
-            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-            return _sse({**head, "object": "text_completion", "choices": [choice]})
-
-        async def events():
-            try:
-                if chat:
-                    for i in range(n):
-                        yield chunk(i, None, role=True)
-                while True:
-                    item = await pieces.get()
-                    if item is end:
-                        break
-                    yield chunk(item[0], item[1])
-                try:
-                    results = job.future.result()
-                except (GenerationCancelled, concurrent.futures.CancelledError):
-                    return
-                except Exception as e:  # headers are sent: report in-band, then end the stream
-                    yield _sse(error_body(f"generation failed: {e}", "server_error"))
-                    yield "data: [DONE]\n\n"
-                    return
-                state.observe(job)
-                for i, r in enumerate(results):
-                    yield chunk(i, None, r.finish_reason)
-                if include_usage:
-                    yield _sse({**head, "object": "chat.completion.chunk" if chat else "text_completion",
-                                "choices": [], "usage": usage(results)})
-                yield "data: [DONE]\n\n"
-            finally:
-                stop_job(job)
-
-        return StreamingResponse(events(), media_type="text/event-stream",
+        events = completion_events(reply, job, pieces, gen.n, include_usage,
+                                   on_success=lambda: self.state.observe(job), on_close=lambda: self.stop(job))
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    # ---------------------------------------------------------------------------------- routes
-    @app.get("/", include_in_schema=False)
-    async def chat_page():
-        return FileResponse(CHAT_PAGE, media_type="text/html; charset=utf-8")
 
-    @app.get("/health")
-    async def health():
-        return state.health()
+# ---------------------------------------------------------------------------------------- routes
+def _generations(request: Request) -> Generations:
+    return request.app.state.generations
 
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(state.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/api/chat")
-    async def api_chat(body: ChatIn, request: Request):
-        ids = prompt_ids(body.input_txt)
-        results = await finish(start(request, ids, {}))
-        return {"response": results[0].text}
+async def chat_page():
+    return FileResponse(CHAT_PAGE, media_type="text/html; charset=utf-8")
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        return {"object": "list", "data": [{"id": bot.model_name, "object": "model", "created": 0,
-                                            "owned_by": "chatlm-mini-chinese"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: CompletionIn, request: Request):
-        _reject_unsupported(body, ("tools", "tool_choice", "functions", "function_call", "response_format",
-                                   "top_logprobs"))
-        settings, extra, n, stop = common(body, body.max_completion_tokens or body.max_tokens)
-        system, history, query = _split_messages(body.messages)
-        ids = prompt_ids(query, history, system)
-        return await respond(request, body, ids, settings, extra, n, stop, chat=True)
+async def health(request: Request):
+    return _generations(request).state.health()
 
-    @app.post("/v1/completions")
-    async def completions(body: TextCompletionIn, request: Request):
-        _reject_unsupported(body, ("echo", "suffix"))
-        if body.best_of not in (None, 1):
-            raise APIError(400, "best_of is not supported (use n)", param="best_of", code="unsupported_parameter")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise APIError(400, f"prompt must be one string (got a list of {len(prompts)}); send one request "
-                                f"per prompt", param="prompt")
-        if not prompts[0].strip():
-            raise APIError(400, "the prompt is empty", param="prompt")
-        settings, extra, n, stop = common(body, body.max_tokens)
-        ids = bot.tokenizer(prompts[0], add_special_tokens=False)["input_ids"] + [EOS_ID]
-        if len(ids) > cfg.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {len(ids)} tokens, more than the limit of {cfg.max_prompt_tokens} "
-                                f"(max_prompt_tokens); shorten it", code="context_length_exceeded", param="prompt")
-        return await respond(request, body, ids, settings, extra, n, stop, chat=False)
 
+async def metrics(request: Request):
+    return PlainTextResponse(_generations(request).state.metrics(),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def api_chat(body: ChatIn, request: Request):
+    """The reference's endpoint: ``{"input_txt": ...}`` in, ``{"response": ...}`` out, the config's settings."""
+    gens = _generations(request)
+    results = await gens.finish(gens.start(request, gens.prompt_ids(body.input_txt), GenerationRequest({}, {})))
+    return {"response": results[0].text}
+
+
+async def models(request: Request):
+    return {"object": "list", "data": [{"id": _generations(request).bot.model_name, "object": "model",
+                                        "created": 0, "owned_by": "chatlm-mini-chinese"}]}
+
+
+async def chat_completions(body: CompletionIn, request: Request):
+    reject_unsupported(body, ("tools", "tool_choice", "functions", "function_call", "response_format",
+                              "top_logprobs"))
+    gens = _generations(request)
+    gen = parse_generation(body, body.max_completion_tokens or body.max_tokens, gens.cfg)
+    system, history, query = split_messages(body.messages)
+    return await gens.respond(request, body, gens.prompt_ids(query, history, system), gen, chat=True)
+
+
+async def completions(body: TextCompletionIn, request: Request):
+    prompt = single_prompt(body)
+    gens = _generations(request)
+    gen = parse_generation(body, body.max_tokens, gens.cfg)
+    return await gens.respond(request, body, gens.text_prompt_ids(prompt), gen, chat=False)
+
+
+ROUTES = (("GET", "/", chat_page), ("GET", "/health", health), ("GET", "/metrics", metrics),
+          ("POST", "/api/chat", api_chat), ("GET", "/v1/models", models),
+          ("POST", "/v1/chat/completions", chat_completions), ("POST", "/v1/completions", completions))
+
+
+# ------------------------------------------------------------------------------------------- app
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    yield
+    app.state.chat.shutdown()
+
+
+def create_app(bot: ChatBot, cfg: Optional[InferConfig] = None):
+    """The ASGI app around one loaded ``ChatBot`` (its config gives the limits unless ``cfg`` is given)."""
+    cfg = cfg or bot.cfg
+    state = ServerState(bot, cfg)
+    app = FastAPI(title="ChatLM-mini-Chinese API", lifespan=_lifespan)
+    app.state.chat = state
+    app.state.generations = Generations(state)
+    for exc_class, handler in ERROR_HANDLERS:
+        app.add_exception_handler(exc_class, handler)
+    for method, path, endpoint in ROUTES:
+        app.add_api_route(path, endpoint, methods=[method], include_in_schema=path != "/")
+    return _guarded(app, state, cfg)
+
+
+def _guarded(app: FastAPI, state: ServerState, cfg: InferConfig):
+    """The guard (auth, body limit) around the app, and CORS outermost when origins are listed, so preflights
+    and error answers carry the CORS headers too."""
     app = GuardMiddleware(app, state, cfg.max_body_bytes)
     origins = _origins(cfg.cors_origins)
-    if origins:  # outermost: preflights and error answers carry the CORS headers too
+    if origins:
         app = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                              allow_headers=["Authorization", "Content-Type"], max_age=600)
     return app
@@ -696,26 +587,6 @@ def _origins(value) -> list[str]:
         return []
     items = value.split(",") if isinstance(value, str) else list(value)
     return [str(x).strip().rstrip("/") for x in items if str(x).strip()]
-
-
-def _split_messages(messages: list[Message]) -> tuple[Optional[str], list[tuple[str, str]], str]:
-    """OpenAI messages -> (system text, [(user, assistant), ...], current user query)."""
-    system = [m.text() for m in messages if m.role in ("system", "developer")]
-    rest = [m for m in messages if m.role not in ("system", "developer")]
-    if not rest or rest[-1].role != "user":
-        raise APIError(400, "the last message must have role 'user'", param="messages")
-    history: list[tuple[str, str]] = []
-    pending: list[str] = []
-    for m in rest[:-1]:
-        if m.role == "user":
-            pending.append(m.text())
-        else:
-            history.append(("\n".join(pending), m.text()))
-            pending = []
-    query = "\n".join(pending + [rest[-1].text()])
-    if not query.strip():
-        raise APIError(400, "the last user message is empty", param="messages")
-    return ("\n".join(system) or None), history, query
 
 
 def get_state(app) -> ServerState:

@@ -23,13 +23,13 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from config import DEFAULT_NUM_SENTINELS, EOS_ID, SPECIAL_TOKENS, UNK_ID, sentinel_token
+from config import (DEFAULT_CHUNK_CHARS, DEFAULT_FEED_PIECES, DEFAULT_MAX_PIECES, DEFAULT_NUM_SENTINELS, EOS_ID,
+                    SPECIAL_TOKENS, UNK_ID, TokenizerTrainConfig, sentinel_token)
 from model.prompt import CHAT_TEMPLATE
 from model.tokenizer.counting import (PieceCounts, PieceSplitter, char_frequencies, count_files, count_texts,
                                       feed_batches, write_tsv)
@@ -38,9 +38,6 @@ BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 TOKEN_TYPES = ("char", "byte")
 SENTENCEPIECE_TYPES = ("bpe", "unigram")
 KEEP_CHARS = ["\n", "\t", "▁"]  # always in the vocabulary (layout of code and poems; spaces in one token)
-DEFAULT_MAX_PIECES = 1_000_000  # count-table cap: bounds memory whatever the corpus size
-DEFAULT_CHUNK_CHARS = 8  # longer pieces (CJK runs) are counted as chunks of this many characters
-DEFAULT_FEED_PIECES = 5_000_000  # at most this many weighted pieces are fed to the BPE trainer
 SENTENCEPIECE_FILE = "sentencepiece.model"  # kept in the folder of a tokenizer trained with --sentencepiece
 MAX_ALPHABET_SHARE = 0.75  # single characters may take at most this share of the learnable ids (char level)
 
@@ -216,14 +213,14 @@ def train_from_counts(counts: PieceCounts, vocab_size: int = 29298, token_type: 
 
 def train_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 29298, token_type: str = "char",
                     num_sentinels: int = DEFAULT_NUM_SENTINELS, min_frequency: int = 2,
-                    length: Optional[int] = None, show_progress: bool = False, *, files=None,
+                    show_progress: bool = False, *, files=None,
                     columns: Optional[Sequence[str]] = None, num_proc: int = 0,
                     max_pieces: int = DEFAULT_MAX_PIECES, chunk_chars: int = DEFAULT_CHUNK_CHARS,
                     sentencepiece: Optional[str] = None, feed_pieces: int = DEFAULT_FEED_PIECES,
                     seed: int = 0, character_coverage: float = 0.9995) -> PreTrainedTokenizerFast:
     """Train a tokenizer on texts (an iterable, counted in this process) and/or files, globs or parquet
     columns (counted by ``num_proc`` worker processes). Memory is bounded by ``max_pieces``, not by the
-    corpus. ``length`` is accepted for compatibility and unused."""
+    corpus."""
     counts = count_pieces(texts, files, token_type, columns=columns, num_proc=num_proc, max_pieces=max_pieces,
                           chunk_chars=chunk_chars, seed=seed, show_progress=show_progress)
     return train_from_counts(counts, vocab_size, token_type, num_sentinels, min_frequency, sentencepiece,
@@ -300,36 +297,6 @@ def _bpe_from_ranked_pieces(specials: list[str], pieces: list[str]):
             merges.append((i, left, right))
     merges.sort(key=lambda m: m[0])
     return vocab, [(a, b) for _, a, b in merges]
-
-
-# ------------------------------------------------------------------------------------- CLI configuration
-@dataclass
-class TokenizerTrainConfig:
-    """Options of ``train_tokenizer.py`` (every field is a command-line flag)."""
-
-    inputs: Optional[str] = None  # text files, globs, folders, .jsonl or .parquet, comma-separated
-    columns: Optional[str] = None  # parquet columns / jsonl fields (comma-separated); default: text columns
-    output_dir: str = "model_save/tokenizer"
-    token_type: str = "char"  # char | byte
-    vocab_size: int = 29298
-    num_sentinels: int = DEFAULT_NUM_SENTINELS
-    min_frequency: int = 2
-    sentencepiece: Optional[str] = None  # None | bpe | unigram (char level only)
-    character_coverage: float = 0.9995  # sentencepiece only
-    num_proc: int = 0  # counting processes; 0 = one per CPU (at most 8)
-    max_pieces: int = DEFAULT_MAX_PIECES
-    chunk_chars: int = DEFAULT_CHUNK_CHARS
-    feed_pieces: int = DEFAULT_FEED_PIECES
-    seed: int = 0
-    show_progress: bool = True
-
-
-TOKENIZER_PRESETS = {
-    "default": {},
-    # the demo corpus (40 kB): a small vocabulary for the tiny model, trained in seconds
-    "demo": dict(inputs="data/demo/corpus.txt", vocab_size=2048, output_dir="model_save/demo/tokenizer",
-                 num_proc=1, show_progress=False),
-}
 
 
 def train_from_config(cfg: TokenizerTrainConfig) -> tuple[PreTrainedTokenizerFast, dict]:

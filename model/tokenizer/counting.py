@@ -97,10 +97,6 @@ class PieceCounts:
     def mass(self) -> float:
         return float(sum(self.counts.values()))
 
-    def maybe_thin(self) -> None:
-        if len(self.counts) > self.max_pieces:
-            self.thin(self.max_pieces // 2)
-
     def thin(self, target: int) -> None:
         """Threshold-sample the table down to about ``target`` entries, keeping every weight unbiased."""
         if len(self.counts) <= target:

@@ -32,8 +32,7 @@ from model.chat_model import TextToTextModel
 from model.data.checkpoint import check_model_folder, save_model_folder
 from model.training.engine import Objective, param_counts, planned_steps, run, unknown, write_json
 from model.progress import track
-from model.data.preference_data import (PairBatches, PreferenceDataset, collate_pairs, epoch_batches,  # noqa: F401
-                                        read_preference_file)
+from model.data.preference_data import PairBatches, PreferenceDataset, collate_pairs, read_preference_file
 from model.tokenizer.build import load_tokenizer
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -115,10 +114,6 @@ def add_lora(model: nn.Module, cfg: DPOConfig):
     lcfg = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, target_modules=_target_modules(cfg.lora_target_modules))
     return get_peft_model(model, lcfg)
-
-
-def trainable_parameter_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def merge_lora(adapter_dir: str | Path, output_dir: str | Path, base_model_dir: Optional[str | Path] = None) -> Path:

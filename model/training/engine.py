@@ -51,9 +51,6 @@ class Objective:
     def started(self, trainer: "Trainer", logger) -> None:
         """Called once the loop starts (after a resume), e.g. to log baselines."""
 
-    def after_step(self, trainer: "Trainer", step: int, micro: list) -> None:
-        """Called after every update with its micro-batches."""
-
     def module(self) -> nn.Module:
         """The module that DDP/FSDP wraps: its ``forward`` runs the whole model once per micro-batch."""
         raise NotImplementedError
@@ -72,10 +69,6 @@ class Objective:
 
     def evaluate(self, trainer: "Trainer") -> dict:
         return {}
-
-    def export(self, trainer: "Trainer", dest: Path) -> None:
-        """The trained model (or adapter) and tokenizer into ``dest``."""
-        publish_model(trainer.inner_model(), self.tokenizer, dest)
 
     def finish(self, trainer: "Trainer", result: dict) -> dict:
         return result
@@ -293,7 +286,7 @@ class Trainer:
         if self.is_main:
             if state_dict is not None:
                 self.inner_model().load_state_dict({k[len("model."):]: v for k, v in state_dict.items()})
-            self.obj.export(self, dest)
+            publish_model(self.inner_model(), self.obj.tokenizer, dest)  # the model (or adapter) and tokenizer
         self.acc.wait_for_everyone()
         return dest
 
@@ -319,9 +312,6 @@ class Trainer:
             self.scheduler.step()
         self.state["step"] += 1
         self.epoch = micro[-1].epoch
-        signal_at = cfg.debug_signal  # tests: "STEP:SIGNAME" signals this process after STEP
-        if signal_at and int(signal_at.split(":")[0]) == self.state["step"]:
-            os.kill(os.getpid(), getattr(signal, signal_at.split(":")[1]))
         return micro
 
     def maybe_log(self, logger, force: bool = False) -> None:
@@ -406,9 +396,8 @@ class Trainer:
         with StopFlag() as stop, self.bar:
             self.task = self.bar.add_task(self.obj.name, total=total, completed=start, info="")
             while self.state["step"] < total:
-                micro = self.train_step()
+                self.train_step()
                 step = self.state["step"]
-                self.obj.after_step(self, step, micro)
                 self.maybe_log(logger, force=step in (start + 1, total))
                 self.last.update(self.maybe_eval(logger, force=step == total))
                 self.bar.update(self.task, completed=step)

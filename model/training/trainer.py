@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,8 +18,8 @@ import torch
 from torch import nn
 
 from config import TRAIN_PRESETS, TrainConfig, make_config
-from model.data.checkpoint import check_model_folder, latest_checkpoint, publish_model  # noqa: F401 (re-exported)
-from model.training.engine import (Objective, build_optimizer, build_scheduler, param_checksum,  # noqa: F401
+from model.data.checkpoint import check_model_folder, publish_model
+from model.training.engine import (Objective, build_optimizer, build_scheduler, param_checksum,
                                    param_counts, planned_steps, reset_accelerate, run, unknown, write_json)
 
 FREEZE_MODES = ("none", "decoder_only")
@@ -93,7 +92,6 @@ class Seq2SeqObjective(Objective):
         if cfg.freeze not in FREEZE_MODES:
             raise unknown("freeze", cfg.freeze, FREEZE_MODES)
         self.cfg = cfg
-        self.dump = None
 
     def setup(self, trainer) -> None:
         from accelerate.utils import set_seed
@@ -120,8 +118,8 @@ class Seq2SeqObjective(Objective):
                                            cfg.eval_max_target_len or cfg.max_target_len, cfg.text_mode,
                                            cfg.noise_density, cfg.mean_noise_span_length, seed=cfg.seed,
                                            max_samples=cfg.max_eval_samples, copy_max_len=cfg.copy_max_len)
-            self.copy_rows = copy_rows([self.valid.pair(k)[1] for k in self.valid._keys0[: cfg.copy_eval_samples]],
-                                       cfg.copy_eval_samples, cfg.copy_max_len)
+            first = self.valid.sample_keys[: cfg.copy_eval_samples]
+            self.copy_rows = copy_rows([self.valid.pair(k)[1] for k in first], cfg.copy_eval_samples, cfg.copy_max_len)
             targets = self.valid_target_texts()
             self.valid_chars = sum(len(t) for t in targets)
             if cfg.baselines and trainer.is_main:
@@ -132,10 +130,6 @@ class Seq2SeqObjective(Objective):
         return TargetLoss(self.model)
 
     def started(self, trainer, logger) -> None:
-        if self.cfg.debug_dump_samples:
-            (trainer.out / "debug").mkdir(parents=True, exist_ok=True)
-            mode = "a" if trainer.state["step"] else "w"
-            self.dump = open(trainer.out / "debug" / f"samples_rank{trainer.rank}.jsonl", mode)
         if self.baselines:
             logger.log(step=trainer.state["step"], **self.baselines)
             trainer.acc.print("held-out character baselines: unigram {baseline_unigram_bpc:.3f} bpc, bigram "
@@ -151,11 +145,6 @@ class Seq2SeqObjective(Objective):
         return loss_sum, {"loss_sum": float(loss_sum.detach()), "tgt_tokens": n_tgt, "in_tokens": n_in,
                           "padded": tensors["input_ids"].numel() + tensors["labels"].numel()}
 
-    def after_step(self, trainer, step: int, micro: list) -> None:
-        if self.dump is not None:
-            self.dump.write(json.dumps({"step": step, "keys": [k for b in micro for k in b.keys]}) + "\n")
-            self.dump.flush()
-
     def summarise(self, sums: dict, seconds: float) -> dict:
         return {"loss": sums["loss_sum"] / max(sums["tgt_tokens"], 1),
                 "tokens_per_s": (sums["tgt_tokens"] + sums["in_tokens"]) / max(seconds, 1e-9)}
@@ -164,7 +153,7 @@ class Seq2SeqObjective(Objective):
     def valid_target_texts(self) -> list[str]:
         """The text of every validation target (what bits per character divide by)."""
         ds = self.valid
-        return self.tokenizer.batch_decode([ds.pair(k)[1] for k in ds._keys0], skip_special_tokens=True)
+        return self.tokenizer.batch_decode([ds.pair(k)[1] for k in ds.sample_keys], skip_special_tokens=True)
 
     @torch.no_grad()
     def evaluate(self, trainer) -> dict:
@@ -177,7 +166,7 @@ class Seq2SeqObjective(Objective):
             return {}
         acc, cfg, ds = trainer.acc, self.cfg, self.valid
         trainer.module.eval()
-        keys = ds._keys0[trainer.rank::trainer.world]
+        keys = ds.sample_keys[trainer.rank::trainer.world]
         if len(keys):
             keys = keys[np.argsort(-ds.key_lengths(keys).sum(axis=1), kind="stable")]
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
@@ -216,7 +205,7 @@ class Seq2SeqObjective(Objective):
             with acc.autocast():
                 batch_loss, n = model.target_loss(**batch)
                 gen = model.my_generate(batch["input_ids"], batch["attention_mask"],
-                                        max_seq_len=cfg.copy_max_len + 1, search_type="greedy")
+                                        max_new_tokens=cfg.copy_max_len + 1, search_type="greedy")
             loss_sum, n_tok = loss_sum + float(batch_loss), n_tok + int(n)
             hits += sum(exact_copy(g, r) for g, r in zip(gen.tolist(), chunk))
         parts = gather_object([(loss_sum, n_tok, hits, len(rows))])
@@ -231,7 +220,7 @@ class Seq2SeqObjective(Objective):
         from model.data.dataset import collate_pairs
         from model.training.metrics import char_bleu
         acc, cfg, ds = trainer.acc, self.cfg, self.valid
-        pairs = [ds.pair(k) for k in ds._keys0[: cfg.bleu_samples][trainer.rank::trainer.world]]
+        pairs = [ds.pair(k) for k in ds.sample_keys[: cfg.bleu_samples][trainer.rank::trainer.world]]
         hyps, refs = [], []
         model = trainer.inner_model()
         for i in range(0, len(pairs), cfg.eval_batch_size):
@@ -239,7 +228,7 @@ class Seq2SeqObjective(Objective):
             batch = collate_pairs(chunk)
             with acc.autocast():
                 gen = model.my_generate(batch["input_ids"].to(acc.device), batch["attention_mask"].to(acc.device),
-                                        max_seq_len=cfg.max_target_len, search_type="greedy")
+                                        max_new_tokens=cfg.max_target_len, search_type="greedy")
             hyps += self.tokenizer.batch_decode(gen, skip_special_tokens=True)
             refs += self.tokenizer.batch_decode([t for _, t in chunk], skip_special_tokens=True)
         both = gather_object(list(zip(hyps, refs)))
@@ -251,8 +240,6 @@ class Seq2SeqObjective(Objective):
         tokens = totals.get("tgt_tokens", 0) + totals.get("in_tokens", 0)
         result.update(train_tokens=int(tokens), pad_share=round(1 - tokens / max(1.0, totals.get("padded", 0)), 4),
                       best_eval_loss=result.pop("best_eval"), **self.baselines)
-        if self.dump is not None:
-            self.dump.close()
         if not result["interrupted"] and trainer.is_main:
             write_json(trainer.out / "train_result.json", result)
             try:
@@ -262,8 +249,6 @@ class Seq2SeqObjective(Objective):
             except Exception as e:  # a plot must never fail a finished run
                 trainer.acc.print(f"loss curve not drawn: {e}")
         result["skipped_rows"] = self.skipped_rows()
-        if self.cfg.debug_dump_samples:
-            (trainer.out / "debug" / f"final_rank{trainer.rank}.json").write_text(json.dumps(result, default=str))
         return result
 
     def skipped_rows(self) -> int:
@@ -301,9 +286,9 @@ def probe_seconds_per_step(cfg: TrainConfig, steps: int = 24, warmup: int = 3) -
     """Steady-state seconds per update, measured by a short run of ``cfg`` (its folder is removed after).
 
     Sizes runs that must fit a wall-clock budget (the LR schedule needs its length in advance). The mean
-    gap between logged steps after ``warmup`` leaves out loading and the slow first steps; the whole probe's
-    runtime / steps overstated the cost by about 2x on a 2M model and left half the budget unused. The mean,
-    not the median: length-grouped batches differ in cost, and the run pays for all of them.
+    gap between logged steps after ``warmup`` leaves out loading and the slow first steps, which make the whole
+    probe's runtime / steps about 2x the steady cost on a 2M model. The mean, not the median: length-grouped
+    batches differ in cost, and the run pays for all of them.
     """
     import dataclasses
     import shutil
@@ -362,23 +347,9 @@ def char_baselines(train_file: str, targets: list[str], out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------- transformers' Seq2SeqTrainer
-def hf_train(cfg: TrainConfig, reference_settings: bool = False, group_by_length: Optional[bool] = None,
-             resume_from_checkpoint=None, report_to: Optional[str] = None, callbacks=None,
-             data_collator=None) -> dict:
-    """The same stage through ``Seq2SeqTrainer``: same dataset, collator, model code and (unless
-    ``reference_settings``) the same optimizer and LR schedule as :func:`train`.
-
-    ``reference_settings=True`` reproduces the reference's HF scripts for comparison: Adafactor, linear
-    schedule, random sampling (no length grouping) unless ``group_by_length`` says otherwise.
-    """
-    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
-    from model.data.dataset import Seq2SeqCollator, StreamingTextToText, TextToTextDataset
-
-    if cfg.num_threads and cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
-    torch.manual_seed(cfg.seed)
-    tokenizer, model = load_tokenizer_and_model(cfg)
-    info = apply_freeze(model, cfg.freeze)
+def _hf_datasets(cfg: TrainConfig, tokenizer):
+    """(training set, validation set or None) for the Seq2SeqTrainer path: the datasets ``train`` reads."""
+    from model.data.dataset import StreamingTextToText, TextToTextDataset
     common = dict(max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len, text_mode=cfg.text_mode,
                   noise_density=cfg.noise_density, mean_noise_span_length=cfg.mean_noise_span_length,
                   copy_max_len=cfg.copy_max_len)
@@ -389,14 +360,16 @@ def hf_train(cfg: TrainConfig, reference_settings: bool = False, group_by_length
         train_ds = TextToTextDataset(cfg.train_file, tokenizer, seed=cfg.seed, **common)
     valid_ds = TextToTextDataset(cfg.valid_file, tokenizer, seed=cfg.seed, max_samples=cfg.max_eval_samples,
                                  **common) if cfg.valid_file else None
-    group = cfg.group_by_length if group_by_length is None else group_by_length
+    return train_ds, valid_ds
+
+
+def _hf_arguments(cfg: TrainConfig, has_valid: bool, group: bool) -> dict:
+    """``Seq2SeqTrainingArguments`` fields from the stage config (intervals of 0 mean off, as in ``train``)."""
     mp = cfg.mixed_precision
     use_gpu = torch.cuda.is_available() and not cfg.cpu
     if mp == "auto":
         mp = "bf16" if use_gpu and torch.cuda.is_bf16_supported() else "no"
-    if cfg.max_steps <= 0 and cfg.streaming:
-        raise ValueError("streaming through transformers' Trainer needs --max_steps (the stream has no length)")
-    args = dict(
+    return dict(
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch_size_per_gpu,
         per_device_eval_batch_size=cfg.eval_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, num_train_epochs=cfg.epochs,
@@ -405,14 +378,37 @@ def hf_train(cfg: TrainConfig, reference_settings: bool = False, group_by_length
         logging_strategy="steps" if cfg.logging_steps > 0 else "no", logging_steps=max(1, cfg.logging_steps),
         save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(1, cfg.save_steps),
         save_total_limit=cfg.keep_last_n,
-        eval_strategy="steps" if valid_ds is not None and cfg.eval_steps > 0 else "no",
+        eval_strategy="steps" if has_valid and cfg.eval_steps > 0 else "no",
         eval_steps=max(1, cfg.eval_steps),
         bf16=mp == "bf16", fp16=mp == "fp16", use_cpu=not use_gpu,
-        report_to=report_to or ("none" if cfg.log_with in (None, "", "none") else cfg.log_with),
+        report_to="none" if cfg.log_with in (None, "", "none") else cfg.log_with,
         train_sampling_strategy="group_by_length" if group else "random", remove_unused_columns=False,
         dataloader_num_workers=cfg.num_workers, disable_tqdm=not cfg.show_progress, save_safetensors=True,
         logging_dir=str(Path(cfg.output_dir) / "runs"),
     )
+
+
+def hf_train(cfg: TrainConfig, reference_settings: bool = False, group_by_length: Optional[bool] = None,
+             resume_from_checkpoint=None, callbacks=None, data_collator=None) -> dict:
+    """The same stage through ``Seq2SeqTrainer``: same dataset, collator, model code and (unless
+    ``reference_settings``) the same optimizer and LR schedule as :func:`train`.
+
+    ``reference_settings=True`` reproduces the reference's HF scripts for comparison: Adafactor, linear
+    schedule, random sampling (no length grouping) unless ``group_by_length`` says otherwise.
+    """
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+    from model.data.dataset import Seq2SeqCollator
+
+    if cfg.num_threads and cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    tokenizer, model = load_tokenizer_and_model(cfg)
+    info = apply_freeze(model, cfg.freeze)
+    train_ds, valid_ds = _hf_datasets(cfg, tokenizer)
+    group = cfg.group_by_length if group_by_length is None else group_by_length
+    if cfg.max_steps <= 0 and cfg.streaming:
+        raise ValueError("streaming through transformers' Trainer needs --max_steps (the stream has no length)")
+    args = _hf_arguments(cfg, valid_ds is not None, group)
     optimizers = (None, None)
     if reference_settings:
         args.update(optim="adafactor", lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps)

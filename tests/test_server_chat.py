@@ -1,16 +1,17 @@
-"""The API server over real HTTP (uvicorn on 127.0.0.1, a free port) with httpx and the openai client."""
+"""Chat over real HTTP (uvicorn on 127.0.0.1, a free port) with httpx and the openai client: the reference's
+/api/chat, /v1/chat/completions plain and streamed, multi-turn, concurrent streams, bad chat bodies, the demo."""
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
+from helpers import openai_client, wait_for
 
 from model.serving.infer import ChatBot
-from model.serving.server import ServerThread, create_app, get_state, sample_exchange
+from model.serving.server import ServerThread, get_state, sample_exchange
 
 PROMPTS = ["你好", "3加5等于多少？", "星期四的后一天是星期几？", "7千米等于多少米？", "怎样保持健康？",
            "十二加九等于多少？", "六月的上一个月是几月？", "你是谁？", "今天心情不好怎么办？", "2加2等于多少？",
@@ -23,37 +24,11 @@ def bot(toy_model_dir):
     """In float64: answers served in a shared batch are compared with answers computed alone, and only float64
     round-off is small enough that no near tie between two tokens can flip on another CPU."""
     b = ChatBot(model_dir=str(toy_model_dir), max_new_tokens=48, max_concurrency=4, max_queue=16,
-                max_prompt_tokens=64, max_body_bytes=4096)
+                max_prompt_tokens=64)
     b.model.double()
     return b
 
 
-@pytest.fixture(scope="module")
-def server(bot):
-    with ServerThread(create_app(bot)) as srv:
-        yield srv
-
-
-@pytest.fixture()
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-def oa(server, key="unused"):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def wait_for(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-# ------------------------------------------------------------------------------------------- basics
 def test_reference_endpoint_unchanged(client, bot):
     r = client.post("/api/chat", json={"input_txt": "你好"})
     assert r.status_code == 200
@@ -63,12 +38,12 @@ def test_reference_endpoint_unchanged(client, bot):
 def test_health_and_models(client, server, bot):
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["model"] == bot.model_name and h["auth"] is False
-    models = oa(server).models.list()
+    models = openai_client(server).models.list()
     assert [m.id for m in models.data] == [bot.model_name]
 
 
 def test_openai_client_plain_and_streaming(server, bot):
-    c = oa(server)
+    c = openai_client(server)
     msgs = [{"role": "user", "content": "3加5等于多少？"}]
     r = c.chat.completions.create(model=bot.model_name, messages=msgs)
     expected = bot.chat("3加5等于多少？")
@@ -103,13 +78,13 @@ def test_sse_wire_format(client):
 def test_multi_turn_and_system_messages(server, bot):
     msgs = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"},
             {"role": "assistant", "content": "你好！"}, {"role": "user", "content": [{"type": "text", "text": "你是谁？"}]}]
-    r = oa(server).chat.completions.create(model="m", messages=msgs)
+    r = openai_client(server).chat.completions.create(model="m", messages=msgs)
     assert r.choices[0].message.content == bot.chat("你是谁？", history=[("你好", "你好！")], system="你是助手")
     assert r.usage.prompt_tokens == len(bot.build_input_ids("你是谁？", [("你好", "你好！")], "你是助手"))
 
 
 def test_sampling_request(server):
-    r = oa(server).chat.completions.create(model="m", messages=[{"role": "user", "content": "你好"}],
+    r = openai_client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": "你好"}],
                                            temperature=1.2, top_p=0.9)
     assert isinstance(r.choices[0].message.content, str)
 
@@ -119,7 +94,7 @@ def test_16_concurrent_streams_do_not_interleave(server, bot):
     assert len(set(expected.values())) >= 8, "the toy model must answer different prompts differently"
 
     def one(q):
-        stream = oa(server).chat.completions.create(model="m", messages=[{"role": "user", "content": q}],
+        stream = openai_client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": q}],
                                                     stream=True)
         return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
 
@@ -129,7 +104,6 @@ def test_16_concurrent_streams_do_not_interleave(server, bot):
     assert wait_for(lambda: get_state(server.app).health()["in_flight"] == 0)
 
 
-# -------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("payload, status, code", [
     (b'{"input_txt": ', 400, "invalid_json"),
     (b'not json at all', 400, "invalid_json"),
@@ -174,94 +148,9 @@ def test_bad_completion_requests_are_clear_4xx(client, body, status, fragment):
 
 def test_openai_client_sees_4xx_errors(server):
     with pytest.raises(openai.BadRequestError, match="limit of 48"):
-        oa(server).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=999)
+        openai_client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=999)
 
 
-def test_oversize_bodies_get_413(client):
-    big = json.dumps({"input_txt": "好" * 5000}).encode()
-    r = client.post("/api/chat", content=big, headers={"content-type": "application/json"})
-    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
-
-    def chunked():  # no Content-Length: the server must count while reading
-        for i in range(0, len(big), 1000):
-            yield big[i:i + 1000]
-    r = client.post("/v1/chat/completions", content=chunked(), headers={"content-type": "application/json"})
-    assert r.status_code == 413
-    assert client.get("/health").status_code == 200  # still serving
-
-
-def test_unknown_path_is_json_404(client):
-    r = client.get("/v2/nothing")
-    assert r.status_code == 404 and "error" in r.json()
-
-
-# -------------------------------------------------------------------------------------------- auth
-def test_auth_on_with_key_in_config(toy_model_dir):
-    bot = ChatBot(model_dir=str(toy_model_dir), max_new_tokens=16, api_key="s3cret")
-    with ServerThread(create_app(bot)) as srv, httpx.Client(base_url=srv.url) as c:
-        assert c.post("/api/chat", json={"input_txt": "你好"}).status_code == 401
-        r = c.post("/api/chat", json={"input_txt": "你好"}, headers={"Authorization": "Bearer wrong"})
-        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-        # no body is parsed before the key is checked
-        assert c.post("/api/chat", content=b"{bad", headers={"Authorization": "Basic s3cret"}).status_code == 401
-        assert c.get("/v1/models").status_code == 401
-        assert c.get("/health").status_code == 200
-        ok = c.post("/api/chat", json={"input_txt": "你好"}, headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200 and ok.json() == {"response": bot.chat("你好")}
-        with pytest.raises(openai.AuthenticationError):
-            oa(srv, "wrong").chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
-        r = oa(srv, "s3cret").chat.completions.create(model="m", messages=[{"role": "user", "content": "你好"}])
-        assert r.choices[0].message.content == bot.chat("你好")
-
-
-def test_auth_key_from_environment(toy_model_dir, monkeypatch):
-    monkeypatch.setenv("CHATLM_API_KEY", "envkey")
-    bot = ChatBot(model_dir=str(toy_model_dir), max_new_tokens=8)
-    with ServerThread(create_app(bot)) as srv, httpx.Client(base_url=srv.url) as c:
-        assert c.get("/v1/models").status_code == 401
-        assert c.get("/v1/models", headers={"Authorization": "Bearer envkey"}).status_code == 200
-
-
-def test_no_key_means_no_auth(client):
-    assert client.get("/v1/models").status_code == 200  # no header at all
-    assert client.get("/v1/models", headers={"Authorization": "Bearer whatever"}).status_code == 200
-
-
-# ------------------------------------------------------------------------------- load and cancel
-def test_queue_full_503_and_disconnect_cancels(tiny_model_dir):
-    """One worker, one queue slot: the third request is refused; dropping the streams stops generation.
-
-    The random tiny model never emits [EOS], so each of these requests would run all 3,000 tokens
-    (tens of seconds) unless its cancellation works.
-    """
-    bot = ChatBot(model_dir=str(tiny_model_dir), max_new_tokens=3000, max_concurrency=1, max_queue=1)
-    app = create_app(bot)
-    state = get_state(app)
-    body = {"messages": [{"role": "user", "content": "你好"}], "stream": True}
-    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as c1, \
-            httpx.Client(base_url=srv.url, timeout=30) as c2, httpx.Client(base_url=srv.url, timeout=30) as c3:
-        with c1.stream("POST", "/v1/chat/completions", json=body) as r1:
-            assert r1.status_code == 200
-            lines1 = r1.iter_lines()  # keep it: dropping a half-read iterator closes the connection
-            assert next(lines1).startswith("data: ")  # running
-            assert wait_for(lambda: state.health()["running"] == 1)
-            with c2.stream("POST", "/v1/chat/completions", json=body) as r2:
-                assert r2.status_code == 200  # admitted, waiting for the worker
-                r3 = c3.post("/api/chat", json={"input_txt": "你好"})
-                assert r3.status_code == 503 and r3.headers["retry-after"] == "1"
-                assert r3.json()["error"]["code"] == "server_busy"
-        # both streams closed by the client mid-generation
-        assert wait_for(lambda: state.health()["in_flight"] == 0, timeout=15), state.health()
-        h = state.health()
-        assert h["cancelled"] == 2 and h["completed"] == 0 and h["rejected"] == 1
-        # a non-streamed request whose client gives up is cancelled too
-        with pytest.raises(httpx.ReadTimeout):
-            c3.post("/api/chat", json={"input_txt": "你好"}, timeout=0.5)
-        assert wait_for(lambda: state.health()["cancelled"] == 3, timeout=15), state.health()
-        assert state.health()["in_flight"] == 0
-
-
-# ------------------------------------------------------------------------------------------ demo
 def test_sample_exchange(toy_model_dir):
     text = sample_exchange(str(toy_model_dir), prompt="你好", max_new_tokens=16)
     assert "/api/chat" in text and "/v1/chat/completions" in text
