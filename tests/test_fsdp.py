@@ -112,3 +112,55 @@ def test_fsdp_export_is_a_plain_hf_folder(fsdp_run, tmp_path):
     model.save_pretrained(str(tmp_path / "plain"))  # one copy of the tied embedding, as a plain save writes
     assert load_file(str(fsdp_run / "model.safetensors")).keys() == load_file(
         str(tmp_path / "plain" / "model.safetensors")).keys()
+
+
+def dpo_flags(sft_dir: Path, demo, out: Path, **kw) -> dict:
+    return dict(sft_model_dir=sft_dir, train_file=demo["dpo"], output_dir=out, max_steps=3, batch_size_per_gpu=4,
+                max_source_len=32, max_target_len=32, save_steps=2, eval_steps=0, logging_steps=1, num_threads=1,
+                log_with="none", show_progress=False, **kw)
+
+
+def dpo_result(p) -> dict:
+    """The figures dpo_train.py prints as its last line."""
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_fsdp_lora_dpo_adapter_merges(fsdp_run, demo_data, tmp_path):
+    """LoRA DPO on the FSDP-trained model under FSDP: the adapter is written whole (not a rank's shard) and merges
+    into a plain folder whose attention weights are W + (alpha / r) B A."""
+    from transformers import T5ForConditionalGeneration
+
+    from config import DPOConfig
+    r, scale = DPOConfig.lora_r, DPOConfig.lora_alpha / DPOConfig.lora_r
+    out = tmp_path / "lora"
+    p = launch(FSDP, "dpo_train.py", dpo_flags(fsdp_run, demo_data, out, use_lora=True, learning_rate=1e-3))
+    assert p.returncode == 0, explain(p)
+    res = dpo_result(p)
+    assert res["eval_after"]["loss"] < res["eval_before"]["loss"]
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    prefix = "base_model.model.encoder.block.0.layer.0.SelfAttention.q"
+    a, b = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]
+    assert a.shape == (r, 128) and b.shape == (128, r) and b.abs().max() > 0  # whole, and trained (B starts at 0)
+    base = T5ForConditionalGeneration.from_pretrained(str(fsdp_run)).state_dict()
+    merged = T5ForConditionalGeneration.from_pretrained(str(out / "merged")).state_dict()
+    delta = scale * b @ a
+    # merging adds an fp32 product of r terms to W: within r U of scale |B| |A|, plus one rounding of W + delta
+    bound = r * U * (scale * b.abs() @ a.abs()) + U * (base["encoder.block.0.layer.0.SelfAttention.q.weight"]
+                                                        + delta).abs()
+    err = (merged["encoder.block.0.layer.0.SelfAttention.q.weight"]
+           - base["encoder.block.0.layer.0.SelfAttention.q.weight"] - delta).abs()
+    assert bool((err <= bound).all())
+    untouched = [k for k in base if not any(f".{m}.weight" in k for m in "qkvo")]
+    assert untouched and all(torch.equal(base[k], merged[k]) for k in untouched)
+
+
+def test_fsdp_full_dpo(fsdp_run, demo_data, tmp_path):
+    from transformers import T5ForConditionalGeneration
+    out = tmp_path / "full"
+    p = launch(FSDP, "dpo_train.py", dpo_flags(fsdp_run, demo_data, out, learning_rate=1e-4))
+    assert p.returncode == 0, explain(p)
+    res = dpo_result(p)
+    assert res["eval_after"]["loss"] < res["eval_before"]["loss"]
+    before = T5ForConditionalGeneration.from_pretrained(str(fsdp_run)).state_dict()
+    after = T5ForConditionalGeneration.from_pretrained(str(out)).state_dict()
+    assert before.keys() == after.keys() and not torch.equal(before["shared.weight"], after["shared.weight"])
