@@ -41,3 +41,18 @@ def launch(launcher: list, script: str, flags: dict, timeout: int = 240) -> subp
 def explain(p: subprocess.CompletedProcess) -> str:
     """The end of a launch's output, for an assertion message."""
     return p.stdout[-2000:] + p.stderr[-4000:]
+
+
+def launch_machines(launcher: list, script: str, flags: dict, machines: int = 2,
+                    timeout: int = 240) -> list[subprocess.CompletedProcess]:
+    """Several "machines" on this host, one CPU process each: one ``accelerate launch`` per machine rank with
+    ``--num_machines``, ``--machine_rank`` and the main machine's address and port, as on a real cluster."""
+    port = free_port()
+    procs = []
+    for rank in range(machines):
+        node = [*launcher, "--num_machines", str(machines), "--num_processes", str(machines), "--machine_rank",
+                str(rank), "--main_process_ip", "127.0.0.1"]
+        procs.append(subprocess.Popen(launch_args(node, script, flags, port), cwd=ROOT, env=cpu_env(), text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True))
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]

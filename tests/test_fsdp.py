@@ -1,6 +1,6 @@
 """FSDP2 through the one training loop: two CPU processes over gloo, launched with accelerate from
 configs/accelerate_fsdp.yaml, against DDP on the same data and seed; sharded checkpoints resumed exactly after a
-kill -9; the exported folder loads in plain transformers; LoRA and full DPO under FSDP."""
+kill -9; the exported folder loads in plain transformers; LoRA and full DPO under FSDP; SFT on two "machines"."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launching import DDP, FSDP, explain, launch
+from launching import DDP, FSDP, explain, launch, launch_machines
 
 U = 2.0 ** -24  # fp32 unit roundoff
 STEPS = 8
@@ -164,3 +164,24 @@ def test_fsdp_full_dpo(fsdp_run, demo_data, tmp_path):
     before = T5ForConditionalGeneration.from_pretrained(str(fsdp_run)).state_dict()
     after = T5ForConditionalGeneration.from_pretrained(str(out)).state_dict()
     assert before.keys() == after.keys() and not torch.equal(before["shared.weight"], after["shared.weight"])
+
+
+def test_two_machines_train_sft_and_checkpoint(fsdp_run, demo_data, tmp_path):
+    """Two "machines" (two accelerate launches, one process each, machine ranks 0 and 1) run FSDP SFT from the
+    FSDP-trained model into one shared output folder: both ranks' shards and data positions are in each
+    checkpoint, and the main machine alone writes the final model."""
+    out = tmp_path / "sft"
+    machine_config = ["--config_file", "configs/accelerate_fsdp.yaml"]  # the machine flags below override its 1 x 2
+    kw = dict(is_finetune=True, init_from=fsdp_run, train_file=f"{demo_data['sft']}:0.2",
+              valid_file=demo_data["sft_valid"], output_dir=out, batch_size_per_gpu=4, max_source_len=32,
+              max_target_len=32, max_steps=4, save_steps=2, eval_steps=0, logging_steps=1, max_eval_samples=8,
+              bleu_samples=0, num_threads=1, log_with="none", show_progress=False)
+    machines = launch_machines(machine_config, "train.py", kw)
+    for p in machines:
+        assert p.returncode == 0, explain(p)
+    assert "2 process(es)" in machines[0].stdout and '"steps": 4' in machines[0].stdout
+    for step in (2, 4):
+        ckpt = out / "checkpoints" / f"step-{step}"
+        assert (ckpt / "rank_state0.pkl").is_file() and (ckpt / "rank_state1.pkl").is_file()
+        assert len(list((ckpt / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
+    assert (out / "model.safetensors").is_file()
