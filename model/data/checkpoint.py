@@ -109,7 +109,7 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
 def save_run_state(accelerator, output_dir: str | Path, step: int, state: dict, rank_state: dict,
                    keep_last_n: int = 2, keep_steps: tuple = ()) -> Path:
     """Every rank: accelerate's ``save_state`` (model, optimizer, scheduler, RNG, scaler: sharded correctly
-    under DDP, FSDP and DeepSpeed) plus this rank's ``rank_state`` (its data position); the main rank adds
+    under DDP and FSDP, tests/test_fsdp.py) plus this rank's ``rank_state`` (its data position); the main rank adds
     ``state`` (step, best eval...) as JSON, renames the folder into place and prunes old checkpoints
     (the newest ``keep_last_n`` and ``keep_steps`` stay)."""
     root = Path(output_dir) / CHECKPOINT_DIR

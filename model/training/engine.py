@@ -256,7 +256,8 @@ def shard_on_cpu(acc) -> None:
 
 # ------------------------------------------------------------------------------------------- trainer
 class Trainer:
-    """Runs an objective on accelerate: one process, DDP, or the FSDP/DeepSpeed configs in configs/."""
+    """Runs an objective on accelerate: one process, DDP, or FSDP2 (configs/accelerate_fsdp.yaml; the DeepSpeed
+    config there is untested)."""
 
     def __init__(self, cfg, objective: Objective):
         from accelerate import Accelerator
