@@ -48,6 +48,10 @@ class ModelConfig:
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # the reference's T5 (about 0.2B parameters with the 29,298-token vocabulary)
     "base": dict(d_model=768, num_layers=10, num_decoder_layers=10, num_heads=12, d_kv=64, d_ff=3072),
+    # past one GPU (docs/training.md "Past one machine"): T5 v1.0's published "large" shape (Raffel et al. 2020),
+    # 0.74B parameters with the 29,298-token vocabulary: 3.9x base, the same 64-wide heads and d_ff = 4 d_model, depth
+    # doubled rather than width stretched, a shape whose training is documented
+    "large": dict(d_model=1024, num_layers=24, num_decoder_layers=24, num_heads=16, d_kv=64, d_ff=4096),
     # CPU experiments: trains at a few hundred tokens/s on 2 cores
     "small": dict(d_model=512, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64, d_ff=1536,
                   vocab_size=8192),
@@ -250,6 +254,24 @@ class DPOConfig(LoopConfig):
     save_best: bool = False  # (DPO picks no best model: the final one is the result)
     eval_steps: int = 100  # evaluate on the held-out pairs every N updates (0: only at the end)
     logging_steps: int = 10  # log every N updates (0: only at the end)
+
+
+@dataclass
+class PlanConfig:
+    """The memory plan of a model preset on data-parallel GPUs (``python train.py plan``): parameters, gradients and
+    optimizer states counted, activations measured on this CPU at batch 1 and scaled (model/training/memory_plan.py)."""
+
+    preset: str = "base"  # model preset (MODEL_PRESETS)
+    vocab_size: int = 29298  # embedding rows (the gpu profile's tokenizer)
+    batch_size_per_gpu: int = 16  # samples per GPU per micro-step (the gpu profile's pretraining)
+    max_source_len: int = 256  # encoder tokens per sample
+    max_target_len: int = 256  # decoder tokens per sample
+    gpus: tuple = (1, 2, 8, 16)  # data-parallel world sizes in the table
+    gpu_gb: tuple = (24, 40, 80)  # GPU memory sizes judged (GB)
+    usable_share: float = 0.9  # share of a GPU's memory a plan may fill (CUDA context, allocator fragmentation)
+    measure_lens: tuple = (32, 64)  # source = target lengths of the two batch-1 CPU measurements of activations
+    zero2_config: str = "configs/deepspeed_zero2.json"  # its reduce bucket is counted under ZeRO-2
+    num_threads: int = 0  # torch CPU threads for the measurement; 0 keeps torch's default
 
 
 @dataclass

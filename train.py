@@ -6,6 +6,7 @@
     python train.py --stage=demo_pretrain                      # one CPU process works too
     python train.py --help                                     # every field with its type, default and meaning
     python train.py ... --push_to_hub=me/chatlm-sft            # upload the final folder and its model card
+    python train.py plan --preset=large                        # GB per GPU under DDP, ZeRO-2, FSDP (PlanConfig)
 
 Every TrainConfig field is a flag (``--learning_rate=1e-4``); ``--stage`` picks a TRAIN_PRESETS entry first.
 ``python train.py train ...`` works too.
@@ -30,5 +31,15 @@ def train(stage: str | None = None, **overrides) -> None:
         print(json.dumps(result, ensure_ascii=False, default=str))
 
 
+def plan(**overrides) -> None:
+    """Print the memory plan of a preset per GPU under DDP, ZeRO-2 and FSDP (every PlanConfig field is a flag)."""
+    from config import PlanConfig, make_config
+    cfg = make_config(PlanConfig, **overrides)
+    from model.training.memory_plan import memory_plan  # torch loads after the flags are checked
+    table, rows = memory_plan(cfg)
+    print(table)
+    print(json.dumps({"preset": cfg.preset, "rows": rows}))
+
+
 if __name__ == "__main__":
-    run_cli(train, default="train")
+    run_cli(train, default="train", plan=plan)

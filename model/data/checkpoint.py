@@ -35,9 +35,9 @@ def is_adapter(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def _write_model(model, tokenizer, folder: Path) -> None:
+def _write_model(model, tokenizer, folder: Path, state_dict: Optional[dict] = None) -> None:
     model = getattr(model, "module", model)
-    model.save_pretrained(str(folder), safe_serialization=True)
+    model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
     if not getattr(tokenizer, "chat_template", None):  # a tokenizer saved without the template: add it
         from model.prompt import CHAT_TEMPLATE
         tokenizer.chat_template = CHAT_TEMPLATE
@@ -68,14 +68,14 @@ def save_model_folder(model, tokenizer, out_dir: str | Path) -> Path:
     return out
 
 
-def publish_model(model, tokenizer, out_dir: str | Path) -> Path:
+def publish_model(model, tokenizer, out_dir: str | Path, state_dict: Optional[dict] = None) -> Path:
     """Write model (or adapter) + tokenizer INTO ``out_dir``, keeping what else lives there (checkpoints/,
     metrics): each file is renamed into place, the weights last, so a reader never sees new config with old
-    weights missing."""
+    weights missing. ``state_dict``: the weights to write instead of the model's own (gathered from shards)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(out)
-    _write_model(model, tokenizer, tmp)
+    _write_model(model, tokenizer, tmp, state_dict)
     for f in sorted(tmp.iterdir(), key=lambda x: x.suffix == ".safetensors"):
         target = out / f.name
         if target.is_dir() and not f.is_dir():
@@ -109,7 +109,7 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
 def save_run_state(accelerator, output_dir: str | Path, step: int, state: dict, rank_state: dict,
                    keep_last_n: int = 2, keep_steps: tuple = ()) -> Path:
     """Every rank: accelerate's ``save_state`` (model, optimizer, scheduler, RNG, scaler: sharded correctly
-    under DDP, FSDP and DeepSpeed) plus this rank's ``rank_state`` (its data position); the main rank adds
+    under DDP and FSDP, tests/test_fsdp.py) plus this rank's ``rank_state`` (its data position); the main rank adds
     ``state`` (step, best eval...) as JSON, renames the folder into place and prunes old checkpoints
     (the newest ``keep_last_n`` and ``keep_steps`` stay)."""
     root = Path(output_dir) / CHECKPOINT_DIR

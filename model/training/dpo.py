@@ -309,22 +309,24 @@ class DPOObjective(Objective):
         """Mean figures over the whole held-out set (or the training set when there is none), every pair
         once: each process scores its share, then they are gathered."""
         ds = self.valid_ds if self.valid_ds is not None else self.train_ds
-        acc, model = trainer.acc, trainer.inner_model()
-        was_training = model.training
-        model.eval()
+        acc, module = trainer.acc, trainer.module  # the wrapped module: a sharded model gathers in its forward
+        was_training = module.training
+        module.eval()
         lengths = ds.lengths()
-        order = sorted(range(len(ds)), key=lambda i: -lengths[i])[trainer.rank::trainer.world]
-        bs, rows = self.cfg.batch_size_per_gpu * 2, []
-        for k in range(0, len(order), bs):
-            batch = {n: t.to(acc.device) for n, t in collate_pairs([ds[i] for i in order[k:k + bs]]).items()}
+        order = sorted(range(len(ds)), key=lambda i: -lengths[i])
+        rows = []
+        for chunk, counted in trainer.eval_chunks(order[trainer.rank::trainer.world], order,
+                                                  self.cfg.batch_size_per_gpu * 2):
+            batch = {n: t.to(acc.device) for n, t in collate_pairs([ds[i] for i in chunk]).items()}
             with acc.autocast():
-                logp, ntok = model.pair_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            rows.append(pair_figures(logp, ntok, *self.reference(ds, batch, acc.device), self.cfg).float().cpu())
+                logp, ntok = module(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            if counted:
+                rows.append(pair_figures(logp, ntok, *self.reference(ds, batch, acc.device), self.cfg).float().cpu())
         local = torch.cat(rows) if rows else torch.zeros(0, len(FIGURES))
         if trainer.world > 1:
             from accelerate.utils import gather_object
             local = torch.cat(gather_object([local]))
-        model.train(was_training)
+        module.train(was_training)
         means = local.mean(0).tolist()
         return {"eval_on": "valid" if self.valid_ds is not None else "train",
                 **{f"eval/{k}": round(v, 6) for k, v in zip(FIGURES, means)}}

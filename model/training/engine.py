@@ -203,11 +203,11 @@ def param_counts(model) -> dict:
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
-def param_checksum(model) -> str:
-    """A hash of every parameter's bytes: equal iff the weights are bitwise equal."""
+def param_checksum(model, state_dict: Optional[dict] = None) -> str:
+    """A hash of every parameter's bytes (of ``state_dict`` when given): equal iff the weights are bitwise equal."""
     import hashlib
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted((model.state_dict() if state_dict is None else state_dict).items()):
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -222,9 +222,34 @@ def reset_accelerate(world: int) -> None:
     GradientState._reset_state()
 
 
+def retie(state_dict: dict, model: nn.Module) -> dict:
+    """Names of one shared parameter (T5's embedding, encoder and decoder inputs, LM head) point to one tensor
+    again: gathering copies each name, and a saved folder drops only the aliases that share storage."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner = first.setdefault(id(p), name)
+        if owner != name and owner in state_dict and name in state_dict:
+            state_dict[name] = state_dict[owner]
+    return state_dict
+
+
+def shard_on_cpu(acc) -> None:
+    """Honour an FSDP launch on CPU processes: accelerate sets FSDP only for GPU-like devices and turns several CPU
+    processes into DDP over gloo (``MULTI_CPU``), silently ignoring ``configs/accelerate_fsdp.yaml``. torch's FSDP2
+    runs over gloo, so the launcher's FSDP settings (its environment) are applied here, in both shared states
+    (every new ``AcceleratorState`` copies the process state's type over its own)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.environment import parse_flag_from_env
+    if acc.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        PartialState().distributed_type = acc.state.distributed_type = DistributedType.FSDP
+        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+
+
 # ------------------------------------------------------------------------------------------- trainer
 class Trainer:
-    """Runs an objective on accelerate: one process, DDP, or the FSDP/DeepSpeed configs in configs/."""
+    """Runs an objective on accelerate: one process, DDP, or FSDP2 (configs/accelerate_fsdp.yaml; the DeepSpeed
+    config there is untested)."""
 
     def __init__(self, cfg, objective: Objective):
         from accelerate import Accelerator
@@ -239,6 +264,7 @@ class Trainer:
                                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                log_with=None if cfg.log_with in (None, "", "none") else cfg.log_with,
                                project_dir=str(self.out))
+        shard_on_cpu(self.acc)
         self.is_main, self.rank, self.world = self.acc.is_main_process, self.acc.process_index, self.acc.num_processes
         objective.setup(self)
         optimizer = build_optimizer(cfg, objective.model)
@@ -264,6 +290,16 @@ class Trainer:
         """The trainable model inside the accelerate/DDP wrappers and the objective's module."""
         return self.acc.unwrap_model(self.module).model
 
+    def eval_chunks(self, mine, everything, size: int) -> list[tuple]:
+        """This rank's share ``mine`` of ``everything`` in chunks of ``size``, each with True (counted). A sharded
+        model gathers weights in every forward, so ranks must run as many as the largest share needs: the short
+        ones add chunks of ``everything[:1]`` with False (run, not counted)."""
+        chunks = [(mine[i:i + size], True) for i in range(0, len(mine), size)]
+        if not self.sharded:
+            return chunks
+        most = math.ceil(math.ceil(len(everything) / self.world) / size)
+        return chunks + [(everything[:1], False)] * (most - len(chunks))
+
     # ------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         return save_run_state(self.acc, self.out, self.state["step"],
@@ -280,13 +316,21 @@ class Trainer:
         self.state.update({k: state[k] for k in self.state if k in state})
         return ckpt
 
-    def export(self, dest: Path) -> Path:
-        """The model as a plain HF folder (or a peft adapter) in ``dest``; every rank takes part."""
-        state_dict = self.acc.get_state_dict(self.module) if self.sharded else None
+    def full_state_dict(self) -> Optional[dict]:
+        """Sharded runs: the inner model's full weights, gathered once onto the main rank's CPU (every rank takes
+        part; the others get an empty dict). Unsharded runs: None (the model holds its full weights)."""
+        if not self.sharded:
+            return None
+        prefix = "model."  # the objective's module wraps the model as ``.model``
+        gathered = {k[len(prefix):]: v for k, v in self.acc.get_state_dict(self.module).items()}
+        return retie(gathered, self.inner_model()) if gathered else gathered
+
+    def export(self, dest: Path, state_dict: Optional[dict] = None) -> Path:
+        """The model as a plain HF folder (or a peft adapter) in ``dest``, written by the main rank; every rank
+        takes part in gathering a sharded model unless its ``state_dict`` is passed."""
+        state_dict = self.full_state_dict() if state_dict is None else state_dict
         if self.is_main:
-            if state_dict is not None:
-                self.inner_model().load_state_dict({k[len("model."):]: v for k, v in state_dict.items()})
-            publish_model(self.inner_model(), self.obj.tokenizer, dest)  # the model (or adapter) and tokenizer
+            publish_model(self.inner_model(), self.obj.tokenizer, dest, state_dict)  # the model (or adapter)
         self.acc.wait_for_everyone()
         return dest
 
@@ -409,9 +453,11 @@ class Trainer:
                       train_samples=self.state["samples"], interrupted=stopped_by is not None,
                       runtime_s=round(time.perf_counter() - t0, 2), cpu_s=round(time.process_time() - c0, 2),
                       best_step=self.state["best_step"], best_eval=self.state["best_eval"], **self.obj.param_info)
+        state_dict = self.full_state_dict()
+        if state_dict is None or self.is_main:  # before the export: saving consumes the dict
+            result["param_checksum"] = param_checksum(self.inner_model(), state_dict)
         if stopped_by is None:
-            self.export(self.out)
-        result["param_checksum"] = param_checksum(self.inner_model())
+            self.export(self.out, state_dict)
         result = self.obj.finish(self, result)
         if acc.log_with:
             acc.end_training()

@@ -171,12 +171,13 @@ class Seq2SeqObjective(Objective):
             keys = keys[np.argsort(-ds.key_lengths(keys).sum(axis=1), kind="stable")]
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         n_tok = torch.zeros((), dtype=torch.float64, device=acc.device)
-        for i in range(0, len(keys), cfg.eval_batch_size):
-            batch = collate_pairs([ds.pair(k) for k in keys[i: i + cfg.eval_batch_size]])
+        for chunk, counted in trainer.eval_chunks(keys, ds._keys0, cfg.eval_batch_size):
+            batch = collate_pairs([ds.pair(k) for k in chunk])
             with acc.autocast():
                 batch_loss, n = trainer.module(**{k: v.to(acc.device) for k, v in batch.items()})
-            loss_sum += batch_loss.double()
-            n_tok += n
+            if counted:
+                loss_sum += batch_loss.double()
+                n_tok += n
         loss_sum, n_tok = acc.reduce(loss_sum, "sum"), acc.reduce(n_tok, "sum")
         loss = float(loss_sum / n_tok.clamp(min=1))
         metrics = {"eval_loss": loss, "eval_ppl": perplexity(loss),
