@@ -6,6 +6,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
+
+from instrumented import script_command, script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -22,19 +25,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_args(launcher: list, script: str, flags: dict, port: int) -> list[str]:
-    return [str(ACCELERATE), "launch", *launcher, "--main_process_port", str(port), script] + \
-        [f"--{k}={v}" for k, v in flags.items()]
+def launch_args(launcher: list, script: str, flags: dict, port: int, signal_at: Optional[str] = None) -> list[str]:
+    """The script runs under ``instrumented`` (tests/instrumented.py): each rank dumps its sample keys and final
+    figures into ``<output_dir>/debug``, and ``signal_at`` ("STEP:SIGNAME") signals every rank after that update."""
+    script_args = [script] + [f"--{k}={v}" for k, v in flags.items()]
+    return [str(ACCELERATE), "launch", *launcher, "--main_process_port", str(port),
+            *script_command(script_args, signal_at=signal_at, dump_samples=True)]
 
 
 def cpu_env() -> dict:
-    """Processes on the CPU, one thread each (two processes share the machine's cores)."""
-    return dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    """Processes on the CPU, one thread each (two processes share the machine's cores), the project importable."""
+    return script_env(dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1"))
 
 
-def launch(launcher: list, script: str, flags: dict, timeout: int = 240) -> subprocess.CompletedProcess:
+def launch(launcher: list, script: str, flags: dict, timeout: int = 240,
+           signal_at: Optional[str] = None) -> subprocess.CompletedProcess:
     """``accelerate launch LAUNCHER script --k=v...`` from the repository root; waits for the whole group."""
-    return subprocess.run(launch_args(launcher, script, flags, free_port()), cwd=ROOT, env=cpu_env(),
+    return subprocess.run(launch_args(launcher, script, flags, free_port(), signal_at), cwd=ROOT, env=cpu_env(),
                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 

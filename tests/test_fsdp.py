@@ -21,7 +21,7 @@ def flags(tok_dir, demo, out: Path, **kw) -> dict:
              valid_file=demo["sft_valid"], batch_size_per_gpu=4, max_source_len=32, max_target_len=32,
              max_steps=STEPS, save_steps=4, eval_steps=4, logging_steps=1, max_eval_samples=11, bleu_samples=0,
              baselines=False, learning_rate=1e-3, lr_scheduler="constant", warmup_steps=0, dropout_rate=0.1,
-             num_threads=1, log_with="none", show_progress=False, debug_dump_samples=True)
+             num_threads=1, log_with="none", show_progress=False)
     d.update(kw)
     return d
 
@@ -81,7 +81,7 @@ def test_fsdp_first_updates_equal_ddp(fsdp_run, tok_dir, demo_data, tmp_path):
 def test_fsdp_kill9_resumes_bitwise_from_sharded_checkpoint(fsdp_run, tok_dir, demo_data, tmp_path):
     out = tmp_path / "killed"
     kw = flags(tok_dir, demo_data, out)
-    p = launch(FSDP, "train.py", dict(kw, debug_signal="6:SIGKILL"))  # every rank kills itself after update 6
+    p = launch(FSDP, "train.py", kw, signal_at="6:SIGKILL")  # every rank kills itself after update 6
     assert p.returncode != 0
     ckpt = out / "checkpoints" / "step-4"
     assert sorted(x.name for x in (out / "checkpoints").iterdir()) == ["step-4"]

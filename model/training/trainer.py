@@ -171,7 +171,7 @@ class Seq2SeqObjective(Objective):
             keys = keys[np.argsort(-ds.key_lengths(keys).sum(axis=1), kind="stable")]
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         n_tok = torch.zeros((), dtype=torch.float64, device=acc.device)
-        for chunk, counted in trainer.eval_chunks(keys, ds._keys0, cfg.eval_batch_size):
+        for chunk, counted in trainer.eval_chunks(keys, ds.sample_keys, cfg.eval_batch_size):
             batch = collate_pairs([ds.pair(k) for k in chunk])
             with acc.autocast():
                 batch_loss, n = trainer.module(**{k: v.to(acc.device) for k, v in batch.items()})
