@@ -223,6 +223,87 @@ class CEvalConfig:
 
 
 @dataclass
+class DedupSettings:
+    """Duplicate removal in the data stage (``--dedup.<field>=...``)."""
+
+    exact: bool = True  # drop rows whose normalised text was seen before
+    near: bool = True  # drop near-duplicates (MinHash LSH over character n-grams)
+    threshold: float = 0.85  # estimated Jaccard similarity at which two rows count as near-duplicates
+    num_perm: int = 128  # MinHash permutations (more: a finer similarity estimate, slower)
+    ngram: int = 3  # characters per shingle
+    workers: int = 1  # processes that compute signatures
+    batch_size: int = 2048  # rows per signature batch
+
+
+@dataclass
+class CorpusSettings:
+    """The plain-text corpus the tokenizer trains on (``--corpus.<field>=...``)."""
+
+    roles: list = field(default_factory=lambda: ["pretrain", "sft"])  # source roles whose text goes in
+    newline: str = "space"  # newlines inside a row: space | escape | paragraphs
+
+
+@dataclass
+class SourceDefaults:
+    """What every source of the data stage's YAML gets unless it says otherwise (``--source_defaults.<field>``)."""
+
+    encoding: str = "utf-8"  # text encoding of the source files
+    max_row_bytes: int = 1 << 20  # a longer row is dropped and counted (a broken file, not a document)
+    clean: dict = field(default_factory=dict)  # cleaning options (utils/cleaning.py CleanOptions)
+    min_chars: int = 5  # prose rows shorter than this are dropped
+    max_chars: int = 2000  # prose rows longer than this are dropped
+    chunk_chars: int = 1000  # long prose is cut at paragraph, then sentence boundaries into rows of at most this
+    prompt_min_chars: int = 2  # pairs with a shorter prompt are dropped
+    prompt_max_chars: int = 1024  # pairs with a longer prompt are dropped
+    response_min_chars: int = 2  # pairs with a shorter response are dropped
+    response_max_chars: int = 2048  # pairs with a longer response are dropped
+    pairs: str = "auto"  # how prose becomes prompt/response pairs: auto | title | none
+    pair_min_prompt_chars: int = 4  # a pair made from prose needs at least this much prompt ...
+    pair_min_response_chars: int = 8  # ... and response
+    title_templates: list = field(default_factory=lambda: ["{title}"])  # prompts made from a title
+    optional: bool = False  # a missing optional source is reported and skipped, not an error
+    near_dedup: bool = True  # this source takes part in near-duplicate removal
+    exact_dedup: bool = True  # ... and in exact-duplicate removal
+    multi_turn: str = "last"  # conversations: last (the last assistant turn) | per_turn (a row per turn)
+
+
+@dataclass
+class DataStageConfig:
+    """The data stage (utils/raw_data_process.py): the settings around the YAML's list of sources, which is data.
+
+    Any field is a flag (``--seed=1``), nested ones dotted (``--dedup.workers=2``); the YAML file may set them too.
+    """
+
+    data_root: str = "../shared/data"  # where the sources' relative paths start
+    seed: int = 23333  # shuffling, splits and samples
+    splits: dict = field(default_factory=lambda: {"train": 0.90, "valid": 0.02, "test": 0.08})  # shares of the pairs
+    shuffle: bool = True  # shuffle the split files (bucketed on disk, bounded memory)
+    shuffle_buckets: int = 64  # on-disk buckets of the shuffle
+    splits_roles: list = field(default_factory=lambda: ["sft", "pretrain"])  # roles whose rows go to the splits
+    prose_pairs: bool = True  # pretraining prose also yields prompt/response pairs (title -> text ...)
+    corpus: CorpusSettings = field(default_factory=CorpusSettings)  # the tokenizer's corpus (--corpus.<field>)
+    dedup: DedupSettings = field(default_factory=DedupSettings)  # duplicate removal (--dedup.<field>)
+    max_rows_per_source: Optional[int] = None  # a cap per source (quick runs); None reads everything
+    log_examples: int = 5  # dropped rows shown per reason in the log
+    samples: int = 50  # kept rows sampled into the report
+    progress: bool = True  # progress bars
+    source_defaults: SourceDefaults = field(default_factory=SourceDefaults)  # per source unless it says otherwise
+
+
+def data_stage_defaults() -> dict[str, Any]:
+    """The data stage's defaults as the nested dict it merges the YAML file and the flags into."""
+    return dataclasses.asdict(DataStageConfig())
+
+
+def data_stage_help() -> str:
+    """``--help`` of the data stage: its fields, then the nested ones (set as ``--dedup.workers=2``)."""
+    nested = {"dedup": DedupSettings, "corpus": CorpusSettings, "source_defaults": SourceDefaults}
+    parts = [config_help(DataStageConfig)]
+    parts += [config_help(c).replace("\n  --", f"\n  --{name}.") for name, c in nested.items()]
+    return "\n\n".join(parts)
+
+
+@dataclass
 class DPOConfig(LoopConfig):
     """Preference optimisation (DPO/IPO) of the SFT model, full or LoRA (model/training/dpo.py, dpo_train.py)."""
 
@@ -588,8 +669,12 @@ PIPELINE_PROFILES: dict[str, dict[str, Any]] = {
         ceval_dir=str(SHARED_DATA / "eval" / "ceval-exam"),
         ie_train=DUIE_TRAIN,
         ie_dev=str(SHARED_DATA / "ie" / "duie" / "duie_dev.json"),
-        ie=dict(time_budget_min=10, eval_limit=300, max_source_len=160, max_target_len=96, max_new_tokens=96,
-                learning_rate=1e-3, warmup_steps=100, curve_points=4, num_threads=2, progress=False),
+        # extraction: 15 minutes each; 4 entity-swapped copies of every training sentence (the model must copy
+        # the names rather than recall them), responses in sentence order, decoding constrained to sentence spans
+        # and known predicates (docs/eval.md)
+        ie=dict(time_budget_min=15, eval_limit=300, max_source_len=160, max_target_len=96, max_new_tokens=96,
+                learning_rate=1e-3, warmup_steps=100, curve_points=6, num_threads=2, progress=False,
+                augment_copies=4, sentence_order=True, constrained=True),
     ),
     "gpu": dict(
         profile="gpu", root="model_save/gpu", demo_data=False, python="accelerate launch --config_file accelerate.yaml",

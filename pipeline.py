@@ -358,7 +358,7 @@ def ie_stage(cfg: PipelineConfig) -> Stage:
         cmds = [PY + common + [f"--init_from={root / 'pretrain'}", f"--output_dir={out}",
                                f"--data_dir={root / 'ie_data'}"] + _flags(cfg.ie)]
         if cfg.ie_scratch:  # the same budget from random init: what pretraining is worth, measured
-            shape = {k: cfg.pretrain[k] for k in ("model_overrides",) if cfg.pretrain.get(k)}
+            shape = {k: cfg.pretrain[k] for k in ("model_overrides", "dropout_rate") if k in cfg.pretrain}
             cmds.append(PY + common + [f"--tokenizer_dir={root / 'tokenizer'}", f"--preset={_preset(cfg)}",
                                        f"--output_dir={root / 'ie_scratch'}", f"--data_dir={root / 'ie_data'}"]
                         + _flags(dict(shape, **cfg.ie)))

@@ -1,26 +1,13 @@
-"""Shared fixtures: a tiny tokenizer and model built here (nothing from a hub), and the shared data check."""
+"""Shared fixtures: a tiny tokenizer and model built here (nothing from a hub)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from config import SHARED_DATA
-
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
-
-
-def require_shared_data(sub: str = "") -> Path:
-    """The path under ../shared/data; fail under CI=true when missing, skip otherwise."""
-    p = SHARED_DATA / sub
-    if not p.exists():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{p} is missing: CI must provide ../shared/data")
-        pytest.skip(f"{p} not available")
-    return p
 
 
 @pytest.fixture(scope="session")

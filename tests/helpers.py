@@ -1,10 +1,25 @@
-"""Helpers the server tests share (fixtures live in conftest.py)."""
+"""Helpers the tests share (fixtures live in conftest.py): the shared data check, the server clients."""
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import openai
+import pytest
+
+from config import SHARED_DATA
+
+
+def require_shared_data(sub: str = "") -> Path:
+    """The path under ../shared/data; fail under CI=true when missing, skip otherwise."""
+    p = SHARED_DATA / sub
+    if not p.exists():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{p} is missing: CI must provide ../shared/data")
+        pytest.skip(f"{p} not available")
+    return p
 
 
 def openai_client(server, key: str = "unused") -> openai.OpenAI:

@@ -12,7 +12,7 @@ import torch
 from config import EOS_ID, PAD_ID
 from eval.c_eval import (CEvalConfig, Question, choose_from_logits, encode_prompt, load_split, option_token_ids,
                          parse_choice, read_subject_csv, run_ceval, score_questions, summarize)
-from tests.conftest import require_shared_data
+from helpers import require_shared_data
 
 
 # ------------------------------------------------------------------------------ choice from logits

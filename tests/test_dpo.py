@@ -16,7 +16,7 @@ from model.chat_model import TextToTextModel
 from model.data.checkpoint import load_model_folder, save_model_folder
 from model.data.preference_data import PreferenceDataset, collate_pairs, epoch_batches, read_preference_file
 from model.training.dpo import PairScorer, add_lora, compute_reference_logps, dpo_loss, train_dpo
-from tests.conftest import require_shared_data
+from helpers import require_shared_data
 
 BETA = 0.1
 

@@ -10,7 +10,7 @@ import pytest
 from finetune_examples.info_extract.data_process import (PROMPT_PREFIX, ReadStats, format_triples, process,
                                                          read_ie_file, to_frame)
 from finetune_examples.info_extract.evaluate import micro_prf, parse_triples, score_texts
-from tests.conftest import require_shared_data
+from helpers import require_shared_data
 
 
 # --------------------------------------------------------------------------------------- parsing

@@ -184,7 +184,7 @@ def test_gpu_profile_dry_run_runs_every_stage_through_accelerate_with_two_proces
     """The gpu profile's stages, launcher and settings, a few steps each on a narrow model: 2 CPU processes
     (gloo) when the machine has no GPU, one per GPU otherwise."""
     import subprocess
-    from conftest import require_shared_data
+    from helpers import require_shared_data
     require_shared_data("ie/duie")
     root = ROOT / "model_save" / "test_gpu"
     import shutil

@@ -3,9 +3,11 @@ reference's named sources in their schemas; bad input accounting; the demo confi
 ../shared/data (fails under CI=true when it is missing)."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _require_shared(sub: str = "") -> Path:
     try:
-        from conftest import require_shared_data  # the project's shared check (fails under CI=true)
+        from helpers import require_shared_data  # the project's shared check (fails under CI=true)
         return require_shared_data(sub)
     except ImportError:  # pragma: no cover - conftest is always there in this repo
         p = ROOT.parent / "shared" / "data" / sub
@@ -366,3 +368,17 @@ def test_shipped_config_on_shared_data_with_a_row_cap(tmp_path):
         assert s["error"] is None, name
     assert rep["outputs"]["my_train_dataset.parquet"] > 300
     assert rep["outputs"]["my_dpo_dataset.parquet"] > 0 and rep["outputs"]["my_ie_dataset.parquet"] > 0
+
+
+def test_every_data_stage_setting_is_a_documented_flag():
+    """The data stage's settings live in config.py: each one, nested ones dotted, is listed with its help."""
+    from config import DataStageConfig, data_stage_defaults, data_stage_help
+    from utils.raw_data_process import DEFAULTS
+    assert DEFAULTS == data_stage_defaults() and set(DEFAULTS) == {f.name for f in dataclasses.fields(DataStageConfig)}
+    lines = [line for line in data_stage_help().splitlines() if line.startswith("  --")]
+    flat = {k for k, v in DEFAULTS.items() if not isinstance(v, dict) or k == "splits"}
+    nested = {f"{k}.{n}" for k, v in DEFAULTS.items() if isinstance(v, dict) and k != "splits" for n in v}
+    listed = {line.split()[0][2:] for line in lines}
+    assert flat | nested <= listed
+    for line in lines:  # name, type, "default", the value, then the help text
+        assert re.search(r"default .+  \S", line), line

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from config import EOS_ID, SPECIAL_TOKENS, UNK_ID, sentinel_token
-from conftest import ROOT, require_shared_data
+from conftest import ROOT
+from helpers import require_shared_data
 from model.tokenizer.build import (KEEP_CHARS, check_tokenizer, count_pieces, load_tokenizer, pre_tokenizer,
                                    save_tokenizer, train_from_counts, train_tokenizer)
 from model.tokenizer.counting import (CountStats, PieceCounts, PieceSplitter, chunk_piece, expand_inputs,

@@ -48,6 +48,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from config import data_stage_defaults, data_stage_help, run_cli
 from model.data.sources import normalize_turns
 from model.prompt import join_history
 from utils.dedup import DropDatasetDuplicate, ExactDeduper
@@ -99,34 +100,7 @@ PRESETS: dict[str, dict] = {
     "alpaca_gpt4_zh": {"role": "sft", "reader": "json", "prompt": ["instruction", "input?"], "response": "output"},
 }
 
-DEFAULTS: dict[str, Any] = {
-    "data_root": "../shared/data",
-    "seed": 23333,
-    "splits": {"train": 0.90, "valid": 0.02, "test": 0.08},
-    "shuffle": True,
-    "shuffle_buckets": 64,
-    "splits_roles": ["sft", "pretrain"],  # rows that go to train/valid/test (pretrain: pairs made from prose)
-    "prose_pairs": True,
-    "corpus": {"roles": ["pretrain", "sft"], "newline": "space"},
-    "dedup": {"exact": True, "near": True, "threshold": 0.85, "num_perm": 128, "ngram": 3, "workers": 1,
-              "batch_size": 2048},
-    "max_rows_per_source": None,
-    "log_examples": 5,
-    "samples": 50,
-    "progress": True,
-    "source_defaults": {
-        "encoding": "utf-8",
-        "max_row_bytes": 1 << 20,
-        "clean": {},
-        "min_chars": 5, "max_chars": 2000, "chunk_chars": 1000,
-        "prompt_min_chars": 2, "prompt_max_chars": 1024, "response_min_chars": 2, "response_max_chars": 2048,
-        "pairs": "auto", "pair_min_prompt_chars": 4, "pair_min_response_chars": 8,
-        "title_templates": ["{title}"],
-        "optional": False,
-        "near_dedup": True, "exact_dedup": True,
-        "multi_turn": "last",
-    },
-}
+DEFAULTS: dict[str, Any] = data_stage_defaults()  # config.py DataStageConfig, field by field with help
 
 PARQUET_SCHEMAS = {
     "split": pa.schema([("prompt", pa.string()), ("response", pa.string())]),
@@ -1028,6 +1002,9 @@ def main(config: str = "data/sources/shared_all.yaml", output_dir: str | None = 
 
 
 if __name__ == "__main__":
-    import fire
+    import sys
 
-    fire.Fire(main)
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        print(data_stage_help())
+        raise SystemExit(0)
+    run_cli(main)
