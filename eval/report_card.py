@@ -236,7 +236,7 @@ def ceval_section(summaries: dict, plots: Path) -> str:
             + _table(["category", "subjects", "questions", "accuracy"], rows) + "\n" + plot)
 
 
-def ie_section(summaries: dict, plots: Path) -> str:
+def ie_section(summaries: dict, plots: Path, settings: Optional[dict] = None) -> str:
     runs = _figures(summaries, "ie").get("runs") or {}
     if not runs:
         return "## Triple extraction\n\nnot run\n"
@@ -261,8 +261,10 @@ def ie_section(summaries: dict, plots: Path) -> str:
         table = _table(["update"] + list(curves), [[s] + [_fmt(dict(pts).get(s)) for pts in curves.values()]
                                                    for s in steps])
         plot = "\nF1 on the same dev sentences during training:\n\n" + table + "\n\n![ie f1](plots/ie_f1.png)\n"
+    flags = " ".join(f"`--{k}={v}`" for k, v in (settings or {}).items() if k not in ("progress", "num_threads"))
     return ("## Triple extraction\n\nMicro P/R/F1 on DuIE dev sentences never trained on; both runs have the "
-            "same training budget, so the gap is what pretraining is worth.\n\n"
+            "same training budget, so the gap is what pretraining is worth."
+            + (f" Both runs: {flags}." if flags else "") + "\n\n"
             + _table(["metric"] + list(runs), rows) + "\n" + plot)
 
 
@@ -379,7 +381,7 @@ def write_report_card(cfg) -> Path:
     sections = [f"# Report card: profile `{cfg.profile}`\n", data_section(summaries, plots),
                 tokenizer_section(summaries), quality_section(summaries, plots), copy_section(summaries, plots),
                 curves_section(summaries, plots),
-                dpo_section(summaries), ceval_section(summaries, plots), ie_section(summaries, plots),
+                dpo_section(summaries), ceval_section(summaries, plots), ie_section(summaries, plots, cfg.ie),
                 chat_section(summaries), stages_section(summaries), versions_section(cfg)]
     out = root / "report.md"
     out.write_text("\n".join(sections), encoding="utf-8")
