@@ -16,6 +16,7 @@ measured in the same run. Rounds alternate the trainers and the best round of ea
     python bench/bench_train.py                 # small preset, CPU, ../shared/data chatlm-samples
     python bench/bench_train.py --quick
     python bench/bench_train.py --device cuda --preset base --bf16 --batch_size 1 --steps 200
+    python bench/bench_train.py precision --shape cpu   # fp32 against bf16 autocast on this CPU, same run
 
 Last line: one JSON object {"bench": "train", "ratio": ..., ...}.
 """
@@ -203,9 +204,55 @@ def main(quick: bool = False, device: str = "cpu", preset: str = "small", bf16: 
     return result
 
 
+def precision(shape: str = "cpu", steps: int = 300, rounds: int = 2, batch_size: int = 16, max_len: int = 128,
+              num_threads: int = 1, train_file: str = str(DEFAULT_DATA), out_dir: str = "bench/out/train_precision"
+              ) -> dict:
+    """fp32 against bf16 autocast on this CPU, the same trainer, weights, data and updates, in one run.
+
+    ``shape``: ``cpu`` (the cpu profile's model, config.CPU_MODEL over `small`, 8,192 tokens) or a model preset.
+    Figures: tokens per CPU-second of each (best of ``rounds``, alternating), ``ratio`` = bf16 / fp32, and the
+    training loss at every tenth of the run for both, so a speed-up that learns less per update shows.
+    """
+    from config import CPU_MODEL
+    from model.training.engine import cpu_has_native_bf16
+    from model.training.trainer import train, train_config
+    torch.set_num_threads(num_threads)
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    preset, overrides = ("small", CPU_MODEL) if shape == "cpu" else (shape, {})
+    init = prepare(out, train_file, preset, model_config(preset).vocab_size, max_len)
+    every = max(1, steps // 10)
+    base = dict(preset=preset, model_overrides=overrides, train_file=train_file, valid_file=None,
+                batch_size_per_gpu=batch_size, max_steps=steps, max_source_len=max_len, max_target_len=max_len,
+                learning_rate=2e-3, lr_scheduler="constant", warmup_steps=0, save_steps=10 ** 9,
+                eval_steps=10 ** 9, logging_steps=every, log_with="none", show_progress=False,
+                num_threads=num_threads, cpu=True, seed=42, keep_last_n=1, save_best=False, packing=True)
+    best: dict[str, dict] = {}
+    for r in range(rounds):
+        for mp in ("no", "bf16"):
+            d = out / f"{mp}{r}"
+            res = train(train_config(None, init_from=str(init), output_dir=str(d), mixed_precision=mp, **base))
+            rate = res["train_tokens"] / res["cpu_s"]
+            curve = [[m["step"], round(m["loss"], 4)] for m in map(json.loads, (d / "metrics.jsonl").open())
+                     if m.get("split") == "train" and "loss" in m]
+            if rate > best.get(mp, {}).get("tokens_per_cpu_s", 0):
+                best[mp] = {"tokens_per_cpu_s": round(rate, 1), "loss_curve": curve}
+            print(f"round {r + 1} {mp}: {rate:.0f} tokens per CPU-second, loss {curve[-1][1]}", flush=True)
+    result = {"bench": "train_precision", "ratio": round(best["bf16"]["tokens_per_cpu_s"]
+                                                         / best["no"]["tokens_per_cpu_s"], 3),
+              "native_bf16": cpu_has_native_bf16(), "shape": shape, "steps": steps, "batch_size": batch_size,
+              "max_len": max_len, "threads": num_threads, "fp32": best["no"], "bf16": best["bf16"]}
+    print(json.dumps(result))
+    return result
+
+
 def _cli(**kwargs) -> None:
     main(**kwargs)
 
 
 if __name__ == "__main__":
-    fire.Fire(_cli)
+    import sys
+    if sys.argv[1:2] == ["precision"]:
+        fire.Fire(lambda **kw: precision(**kw) and None, sys.argv[2:])
+    else:
+        fire.Fire(_cli)
