@@ -62,6 +62,24 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------------------------------ training
+# The named choices of the training configs, checked once, when a config is built.
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+LR_SCHEDULERS = ("cosine", "onecycle", "constant", "linear")
+FREEZE_MODES = ("none", "decoder_only")
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def unknown(option: str, value, allowed) -> "ConfigError":
+    """The error for a name outside ``allowed`` (optimizer, lr_scheduler, freeze, loss_type)."""
+    return ConfigError(f"unknown {option} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def check_choices(cfg, choices: dict[str, tuple]) -> None:
+    for option, allowed in choices.items():
+        if getattr(cfg, option) not in allowed:
+            raise unknown(option, getattr(cfg, option), allowed)
+
+
 @dataclass
 class LoopConfig:
     """What the one training loop (model/training/engine.py) reads, shared by every stage's config; a stage's
@@ -95,6 +113,9 @@ class LoopConfig:
     log_with: str = "tensorboard"  # tensorboard | none
     show_progress: bool = True  # rich progress bar
 
+    def __post_init__(self):
+        check_choices(self, {"optimizer": OPTIMIZERS, "lr_scheduler": LR_SCHEDULERS})
+
 
 @dataclass
 class TrainConfig(LoopConfig):
@@ -105,7 +126,7 @@ class TrainConfig(LoopConfig):
     Files are parquet (``prompt``/``response`` or ``text`` columns) or ``.txt`` (one document per line).
     """
 
-    preset: str = "small"  # model preset (tiny | small | base) for a model trained from scratch
+    preset: str = "small"  # model shape (MODEL_PRESETS); --stage picks the training settings (TRAIN_PRESETS)
     stage: Optional[str] = None  # the TRAIN_PRESETS entry this config came from (informational)
     train_file: str = "data/generated/all/my_train_dataset.parquet"  # parquet/.txt file(s), comma-separated, each with an optional :weight
     valid_file: Optional[str] = "data/generated/all/my_valid_dataset.parquet"  # held-out pairs for eval loss, bpc and BLEU (None: no eval)
@@ -136,6 +157,10 @@ class TrainConfig(LoopConfig):
     bleu_samples: int = 32  # validation prompts answered greedily for char BLEU (0: off)
     baselines: bool = True  # character unigram/bigram bpc of the held-out targets (model/quality.py)
     num_workers: int = 0  # DataLoader workers of the Seq2SeqTrainer path (pre_train.py, sft_train.py)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choices(self, {"freeze": FREEZE_MODES})
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -335,6 +360,10 @@ class DPOConfig(LoopConfig):
     save_best: bool = False  # (DPO picks no best model: the final one is the result)
     eval_steps: int = 100  # evaluate on the held-out pairs every N updates (0: only at the end)
     logging_steps: int = 10  # log every N updates (0: only at the end)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choices(self, {"loss_type": DPO_LOSS_TYPES})
 
 
 @dataclass

@@ -27,15 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import DPOConfig, asdict
+from config import DPO_LOSS_TYPES, DPOConfig, asdict, unknown
 from model.chat_model import TextToTextModel
 from model.data.checkpoint import check_model_folder, save_model_folder
-from model.training.engine import Objective, param_counts, planned_steps, run, unknown, write_json
+from model.training.engine import Objective, param_counts, planned_steps, run, write_json
 from model.progress import track
 from model.data.preference_data import PairBatches, PreferenceDataset, collate_pairs, read_preference_file
 from model.tokenizer.build import load_tokenizer
 
-LOSS_TYPES = ("sigmoid", "ipo")
 
 
 # ---------------------------------------------------------------------------------------- objective
@@ -55,8 +54,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and implicit rewards (chosen, rejected). Inputs are per-sequence log-probabilities
     (sums for ``sigmoid``, per-token means for ``ipo``: see :func:`as_objective`)."""
-    if loss_type not in LOSS_TYPES:
-        raise unknown("loss_type", loss_type, LOSS_TYPES)
+    if loss_type not in DPO_LOSS_TYPES:  # a direct caller's argument (a DPOConfig checked its own)
+        raise unknown("loss_type", loss_type, DPO_LOSS_TYPES)
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     chosen_logratio = policy_chosen - ref_chosen
@@ -247,8 +246,6 @@ class DPOObjective(Objective):
     eval_at_start = True
 
     def __init__(self, cfg: DPOConfig):
-        if cfg.loss_type not in LOSS_TYPES:
-            raise unknown("loss_type", cfg.loss_type, LOSS_TYPES)
         self.cfg = cfg
 
     def setup(self, trainer) -> None:

@@ -20,9 +20,8 @@ from torch import nn
 from config import TRAIN_PRESETS, TrainConfig, make_config
 from model.data.checkpoint import check_model_folder, publish_model
 from model.training.engine import (Objective, build_optimizer, build_scheduler, param_checksum,
-                                   param_counts, planned_steps, reset_accelerate, run, unknown, write_json)
+                                   param_counts, planned_steps, reset_accelerate, run, write_json)
 
-FREEZE_MODES = ("none", "decoder_only")
 
 
 def train_config(stage: Optional[str] = None, **overrides) -> TrainConfig:
@@ -61,8 +60,6 @@ def load_tokenizer_and_model(cfg: TrainConfig):
 
 def apply_freeze(model, mode: str) -> dict:
     """``decoder_only`` (the reference SFT): shared embeddings (tied to the LM head) and encoder frozen."""
-    if mode not in FREEZE_MODES:
-        raise unknown("freeze mode", mode, FREEZE_MODES)
     if mode == "decoder_only":
         for p in model.shared.parameters():
             p.requires_grad_(False)
@@ -89,8 +86,6 @@ class Seq2SeqObjective(Objective):
     best_metric = "eval_loss"
 
     def __init__(self, cfg: TrainConfig):
-        if cfg.freeze not in FREEZE_MODES:
-            raise unknown("freeze", cfg.freeze, FREEZE_MODES)
         self.cfg = cfg
 
     def setup(self, trainer) -> None:
