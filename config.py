@@ -434,20 +434,68 @@ DRY_RUN_TRAIN = dict(max_steps=4, save_steps=2, eval_steps=2, logging_steps=1, m
                      model_overrides=DRY_RUN_MODEL, show_progress=False)
 
 
-def dry_run_profile(cfg: "PipelineConfig") -> dict:
-    """Overrides that shrink a profile to minutes on a CPU while keeping its stages, launcher and settings."""
-    trim = lambda d, drop=(): {k: v for k, v in d.items() if k not in drop}  # noqa: E731
+# `--dry_run=shapes`: the profile's real model width and depth, vocabulary and sequence lengths, 2 updates at batch
+# 2 in one CPU process (one GPU's share), so the first GPU run meets no shape, vocabulary or memory surprise.
+SHAPES_LOOP = dict(max_steps=2, batch_size_per_gpu=2, gradient_accumulation_steps=1, save_steps=2, eval_steps=2,
+                   logging_steps=1, num_threads=2, cpu=True)
+SHAPES_TRAIN = dict(SHAPES_LOOP, max_eval_samples=2, eval_batch_size=2, bleu_samples=1)
+
+
+def _trim(d: dict, drop=()) -> dict:
+    return {k: v for k, v in d.items() if k not in drop}
+
+
+def dry_run_profile(cfg: "PipelineConfig", mode: Any = True) -> dict:
+    """Overrides that shrink a profile to minutes on a CPU while keeping its stages, launcher and settings
+    (``mode`` True), or its real shapes (``"shapes"``, ``shapes_profile``)."""
+    if mode == "shapes":
+        return shapes_profile(cfg)
+    if mode is not True:
+        raise ConfigError(f"--dry_run expects True or shapes, got {mode!r}")
     return dict(
         root=cfg.root.rstrip("/") + "_dry_run", publish_dir="",
         data_overrides=dict(cfg.data_overrides, max_rows_per_source=60),
         tokenizer=dict(cfg.tokenizer, vocab_size=1024),
-        pretrain=dict(trim(cfg.pretrain, ("epochs",)), **DRY_RUN_TRAIN),
-        sft=dict(trim(cfg.sft, ("epochs",)), **{k: v for k, v in DRY_RUN_TRAIN.items() if k != "model_overrides"}),
-        dpo=dict(trim(cfg.dpo, ("epochs",)), max_steps=2, eval_steps=1, save_steps=1, batch_size_per_gpu=1,
+        pretrain=dict(_trim(cfg.pretrain, ("epochs",)), **DRY_RUN_TRAIN),
+        sft=dict(_trim(cfg.sft, ("epochs",)), **{k: v for k, v in DRY_RUN_TRAIN.items() if k != "model_overrides"}),
+        dpo=dict(_trim(cfg.dpo, ("epochs",)), max_steps=2, eval_steps=1, save_steps=1, batch_size_per_gpu=1,
                  show_progress=False),
         ceval=dict(cfg.ceval, subjects="computer_network,high_school_physics"),
-        ie=dict(trim(cfg.ie, ("time_budget_min",)), max_steps=3, eval_limit=6, progress=False),
+        ie=dict(_trim(cfg.ie, ("time_budget_min",)), max_steps=3, eval_limit=6, progress=False),
         sample_prompts=cfg.sample_prompts[:2],
+    )
+
+
+def _full_batches(stage: dict) -> dict:
+    """Pads every batch to the stage's longest sequence length, so its memory is measured at full-length batches
+    (a few short rows would otherwise hide the peak)."""
+    return dict(pad_to_multiple_of=max(stage.get("max_source_len", TrainConfig.max_source_len),
+                                       stage.get("max_target_len", TrainConfig.max_target_len)))
+
+
+def shapes_profile(cfg: "PipelineConfig") -> dict:
+    """Overrides that keep the profile's model shape, tokenizer vocabulary size and every stage's sequence lengths
+    but run 2 updates at batch 2 per training stage, in one process on the CPU, on 40 rows per data source;
+    pretraining and SFT batches are padded to the full lengths.
+
+    40 rows keep the DPO reference pass (it scores every pair) short at the base width; the tokenizer merges
+    pieces seen once (min_frequency 1) so that the small corpus still fills the real vocabulary. The IE run
+    from random init is skipped: it has the pretrained run's shape.
+    """
+    return dict(
+        root=cfg.root.rstrip("/") + "_dry_run_shapes", publish_dir="", python="python", ie_scratch=False,
+        data_overrides=dict(cfg.data_overrides, max_rows_per_source=40),
+        tokenizer=dict(cfg.tokenizer, min_frequency=1),
+        copy_warmup=(dict(_trim(cfg.copy_warmup, ("epochs",)), **SHAPES_TRAIN, **_full_batches(cfg.copy_warmup))
+                     if cfg.copy_warmup else {}),
+        pretrain=dict(_trim(cfg.pretrain, ("epochs",)), **SHAPES_TRAIN, **_full_batches(cfg.pretrain),
+                      show_progress=False),
+        sft=dict(_trim(cfg.sft, ("epochs",)), **SHAPES_TRAIN, **_full_batches(cfg.sft), show_progress=False),
+        dpo=dict(_trim(cfg.dpo, ("epochs",)), **SHAPES_LOOP, show_progress=False),
+        ceval=dict(cfg.ceval, subjects="middle_school_geography", device="cpu", num_threads=2),
+        ie=dict(_trim(cfg.ie, ("time_budget_min",)), max_steps=2, batch_size_per_gpu=2, max_eval_samples=2,
+                eval_limit=2, eval_batch_size=2, num_threads=2, cpu=True, progress=False),
+        decoding_prompts=min(cfg.decoding_prompts, 2), sample_prompts=cfg.sample_prompts[:2],
     )
 
 
@@ -645,7 +693,7 @@ class PipelineConfig:
     ceval_split: str = "val"  # dev | val | test
     ceval: dict = field(default_factory=dict)  # more eval/c_eval.py flags (subjects, batch_size, ...)
     seed: Optional[int] = None  # training seed of every stage (None: each stage's default)
-    dry_run: bool = False  # every stage's real code path, a few steps each, a narrow model (gpu_dry_run below)
+    dry_run: Any = False  # True: a few steps per stage, a narrow model; shapes: the real shapes, 2 updates per stage
     ie_train: str = ""  # '' skips the triple-extraction fine-tune
     ie_dev: str = ""  # triple-extraction dev file (never trained on)
     ie: dict = field(default_factory=dict)  # finetune.py flags of the IE stage

@@ -6,6 +6,7 @@
     python pipeline.py --profile demo --force sft,dpo     # redo some stages
     python pipeline.py --profile cpu --only report        # rebuild the report card only
     python pipeline.py --profile gpu --dry_run=True       # the gpu profile, a few steps per stage, on any machine
+    python pipeline.py --profile gpu --dry_run=shapes     # ... at its real model, vocabulary and lengths, on a CPU
 
 Stages run as the same commands a user would type (printed as they run). Finished stages are skipped (and say
 so); a stopped run continues from the stage, and the trainers from the checkpoint, where it stopped. Any
@@ -14,12 +15,13 @@ PipelineConfig field is a flag (``--root=model_save/try2``; ``--help`` lists the
 Each stage writes ``summary.json`` next to its output: the command lines, wall time and peak RSS (from
 ``os.wait4`` on the stage's own processes, so each stage's memory is its own), and the figures it reports with
 the files they come from. A stage is complete when its summary and its outputs exist; the report card
-(``eval/report_card.py``) only gathers the summaries.
+(``eval/report_card.py``) only gathers the summaries. A table of each stage's wall time and peak RSS ends the run.
 """
 from __future__ import annotations
 
 import json
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from rich.console import Console
+from rich.table import Table
 
 from config import (PIPELINE_PROFILES, TRAIN_PRESETS, InferConfig, PipelineConfig, dry_run_profile, make_config,
                     run_cli)
@@ -123,6 +126,7 @@ def run_stages(stages: list[Stage], state_dir: str | Path, force: tuple[str, ...
                 "wall_s": round(sum(r["wall_s"] for r in runs) + t_after, 2),
                 # in-process steps share the pipeline's own memory: no separate figure for them
                 "peak_rss_mb": max([r["peak_rss_mb"] for r in runs], default=None),
+                "pipeline_peak_rss_mb": _own_peak_rss_mb(),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "figures": figures}
         summary.parent.mkdir(parents=True, exist_ok=True)
         summary.write_text(json.dumps(info, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
@@ -131,6 +135,23 @@ def run_stages(stages: list[Stage], state_dir: str | Path, force: tuple[str, ...
         rss = f", peak RSS {info['peak_rss_mb']:.0f} MB" if info["peak_rss_mb"] is not None else ""
         console.print(f"[green]{stage.name} done in {info['wall_s']:.1f} s{rss}[/]")
     return results
+
+
+def _own_peak_rss_mb() -> float:
+    """The pipeline process's peak RSS so far, an upper bound for its in-process steps (the chat stage loads the
+    model in this process, so no command's figure covers it)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def print_stage_table(results: dict) -> None:
+    """Wall time and peak RSS of every stage in one table, so a dry run's memory per stage reads at a glance."""
+    table = Table(title="stages")
+    for col in ("stage", "wall s", "peak RSS MB", "pipeline peak RSS MB so far"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
+    for name, info in results.items():
+        table.add_row(name, *(fmt(info.get(k)) for k in ("wall_s", "peak_rss_mb", "pipeline_peak_rss_mb")))
+    console.print(table)
 
 
 # ------------------------------------------------------------------------------------------- figures
@@ -456,7 +477,8 @@ def report_card(cfg: PipelineConfig) -> dict:
 def main(profile: str = "demo", force: str | tuple = (), only: str | tuple = (), **overrides):
     cfg = make_config(PipelineConfig, profile, PIPELINE_PROFILES, **overrides)
     if cfg.dry_run:
-        cfg = make_config(PipelineConfig, profile, PIPELINE_PROFILES, **{**overrides, **dry_run_profile(cfg)})
+        cfg = make_config(PipelineConfig, profile, PIPELINE_PROFILES,
+                          **{**overrides, **dry_run_profile(cfg, cfg.dry_run)})
     if cfg.python != "python" and not cfg.dry_run:
         import torch
         if torch.cuda.device_count() == 0:
@@ -471,7 +493,8 @@ def main(profile: str = "demo", force: str | tuple = (), only: str | tuple = (),
     Path(cfg.root).mkdir(parents=True, exist_ok=True)
     (Path(cfg.root) / "pipeline_config.json").write_text(
         json.dumps(cfg.__dict__, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
-    run_stages(stages, Path(cfg.root) / "stages", force=as_tuple(force), only=as_tuple(only), env=_env(cfg))
+    results = run_stages(stages, Path(cfg.root) / "stages", force=as_tuple(force), only=as_tuple(only), env=_env(cfg))
+    print_stage_table(results)
 
 
 if __name__ == "__main__":

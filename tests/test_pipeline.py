@@ -96,7 +96,8 @@ def _flag_names(cmd: list[str]) -> set[str]:
     return {a[2:].split("=", 1)[0] for a in cmd if a.startswith("--")}
 
 
-@pytest.mark.parametrize("profile,dry_run", [("demo", False), ("cpu", False), ("gpu", False), ("gpu", True)])
+@pytest.mark.parametrize("profile,dry_run", [("demo", False), ("cpu", False), ("gpu", False), ("gpu", True),
+                                             ("gpu", "shapes")])
 def test_every_stage_flag_is_an_option_of_its_script(profile, dry_run, tmp_path):
     """A typo in a profile (a flag no script knows) would only surface an hour into a run; catch it here."""
     import dataclasses
@@ -117,7 +118,7 @@ def test_every_stage_flag_is_an_option_of_its_script(profile, dry_run, tmp_path)
     cfg = make_config(PipelineConfig, profile, PIPELINE_PROFILES, root=str(tmp_path / "root"))
     if dry_run:
         from config import dry_run_profile
-        cfg = make_config(PipelineConfig, profile, PIPELINE_PROFILES, **dry_run_profile(cfg))
+        cfg = make_config(PipelineConfig, profile, PIPELINE_PROFILES, **dry_run_profile(cfg, dry_run))
     checked = set()
     for stage in pipeline.build_stages(cfg):
         for cmd in stage.commands:
@@ -131,6 +132,26 @@ def test_every_stage_flag_is_an_option_of_its_script(profile, dry_run, tmp_path)
             assert not unknown, f"{profile}/{stage.name}: {script} has no option(s) {sorted(unknown)}"
             checked.add(script)
     assert {"train.py", "dpo_train.py"} <= checked
+
+
+def test_shapes_dry_run_keeps_the_gpu_profiles_model_vocabulary_and_lengths_for_two_updates_at_batch_two(tmp_path):
+    """`--dry_run=shapes` exists so the first GPU run meets no shape surprise: it may shrink steps, batch and data,
+    never the model, the vocabulary or a stage's sequence lengths."""
+    import pipeline
+    from config import ConfigError, dry_run_profile
+    gpu = make_config(PipelineConfig, "gpu", PIPELINE_PROFILES, root=str(tmp_path / "gpu"))
+    dry = make_config(PipelineConfig, "gpu", PIPELINE_PROFILES, **dry_run_profile(gpu, "shapes"))
+    assert dry.root == str(tmp_path / "gpu") + "_dry_run_shapes" and dry.python == "python"
+    assert dry.tokenizer["vocab_size"] == gpu.tokenizer["vocab_size"] == 29298
+    shape = ("preset", "model_overrides", "max_source_len", "max_target_len", "dropout_rate")
+    for stage in ("pretrain", "sft", "dpo", "ie"):
+        real, shrunk = getattr(gpu, stage), getattr(dry, stage)
+        assert {k: real.get(k) for k in shape} == {k: shrunk.get(k) for k in shape}, stage
+        assert shrunk["max_steps"] == 2 and shrunk["batch_size_per_gpu"] <= 2 and shrunk["cpu"] is True, stage
+    pre = next(s for s in pipeline.build_stages(dry) if s.name == "pretrain").commands[0]
+    assert pre[0] == sys.executable and "--preset=base" in pre and "--max_source_len=256" in pre
+    with pytest.raises(ConfigError):
+        dry_run_profile(gpu, "shape")
 
 
 def test_held_out_dpo_pairs_are_split_off_when_asked(tmp_path):
