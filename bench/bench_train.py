@@ -26,6 +26,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import fire
 import torch
@@ -98,8 +99,10 @@ class CountingCollator:
         return batch
 
 
-def prepare(out: Path, train_file: str, preset: str, vocab_size: int, max_len: int) -> Path:
-    """A tokenizer trained on the bench data and a randomly initialised model folder both trainers start from."""
+def prepare(out: Path, train_file: str, preset: str, vocab_size: int, max_len: int,
+            overrides: Optional[dict] = None) -> Path:
+    """A tokenizer trained on the bench data and a randomly initialised model folder both trainers start from
+    (``overrides``: ModelConfig fields over the preset)."""
     import pandas as pd
     from model.chat_model import TextToTextModel
     from model.data.checkpoint import save_model_folder
@@ -108,7 +111,7 @@ def prepare(out: Path, train_file: str, preset: str, vocab_size: int, max_len: i
     texts = df["prompt"].tolist() + df["response"].tolist()
     tok = train_tokenizer(texts, vocab_size=min(vocab_size, 8192), token_type="char")
     torch.manual_seed(0)
-    model = TextToTextModel.from_preset(preset, vocab_size=max(vocab_size, len(tok)))
+    model = TextToTextModel.from_preset(preset, vocab_size=max(vocab_size, len(tok)), **(overrides or {}))
     return save_model_folder(model, tok, out / "init")
 
 
@@ -209,7 +212,7 @@ def precision(shape: str = "cpu", steps: int = 300, rounds: int = 2, batch_size:
               ) -> dict:
     """fp32 against bf16 autocast on this CPU, the same trainer, weights, data and updates, in one run.
 
-    ``shape``: ``cpu`` (the cpu profile's model, config.CPU_MODEL over `small`, 8,192 tokens) or a model preset.
+    ``shape``: ``cpu`` (the cpu profile's model, config.CPU_MODEL over `small`) or a model preset; 8,192 tokens.
     Figures: tokens per CPU-second of each (best of ``rounds``, alternating), ``ratio`` = bf16 / fp32, and the
     training loss at every tenth of the run for both, so a speed-up that learns less per update shows.
     """
@@ -220,9 +223,9 @@ def precision(shape: str = "cpu", steps: int = 300, rounds: int = 2, batch_size:
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
     preset, overrides = ("small", CPU_MODEL) if shape == "cpu" else (shape, {})
-    init = prepare(out, train_file, preset, model_config(preset).vocab_size, max_len)
+    init = prepare(out, train_file, preset, 8192, max_len, overrides)
     every = max(1, steps // 10)
-    base = dict(preset=preset, model_overrides=overrides, train_file=train_file, valid_file=None,
+    base = dict(preset=preset, train_file=train_file, valid_file=None,
                 batch_size_per_gpu=batch_size, max_steps=steps, max_source_len=max_len, max_target_len=max_len,
                 learning_rate=2e-3, lr_scheduler="constant", warmup_steps=0, save_steps=10 ** 9,
                 eval_steps=10 ** 9, logging_steps=every, log_with="none", show_progress=False,
