@@ -204,11 +204,13 @@ def evaluate(model_dir: str = "model_save/ie", test_file: str = "data/generated/
              search_type: str = "greedy", limit: Optional[int] = None, out_file: Optional[str] = None,
              num_threads: int = 2, device: str = "auto", model=None, tokenizer=None,
              progress: bool = True, constrained: bool = False, predicates_from: Optional[str] = None,
+             predicates: Optional[set[str]] = None,
              num_beams: int = 4) -> dict:
     """Generate for every test prompt, parse, score; writes predictions (JSON lines) next to the model.
 
     ``constrained`` decodes under ``TripleConstraint``, with the predicates of ``predicates_from`` (a training
-    file: parquet or raw DuIE/SKE) where given; the test file's own references never choose them.
+    file: parquet or raw DuIE/SKE) where given, or with ``predicates`` already read from one; the test file's own
+    references never choose them.
     """
     torch.set_num_threads(max(1, num_threads))
     if model is None or tokenizer is None:
@@ -219,8 +221,7 @@ def evaluate(model_dir: str = "model_save/ie", test_file: str = "data/generated/
     prompts, refs = load_test_file(test_file, limit)
     if not prompts:
         raise ValueError(f"{test_file}: no test rows")
-    predicates = None
-    if constrained and predicates_from:
+    if constrained and predicates is None and predicates_from:
         predicates = known_predicates(load_test_file(predicates_from)[1])
     preds = generate_responses(model, tokenizer, prompts, batch_size, max_new_tokens, max_source_len,
                                search_type, progress, constrained, predicates, num_beams)

@@ -22,7 +22,7 @@ from typing import Optional
 
 from config import MODEL_PRESETS, SHARED_DATA, TRAIN_PRESETS, TrainConfig, config_help, run_cli
 from finetune_examples.info_extract.data_process import format_triples, make_prompt, process, read_ie_file
-from finetune_examples.info_extract.evaluate import evaluate
+from finetune_examples.info_extract.evaluate import evaluate, known_predicates, load_test_file
 from model.tokenizer.build import save_tokenizer, train_tokenizer
 from model.logging_utils import read_jsonl
 from model.training.engine import run
@@ -41,6 +41,8 @@ class ExtractionObjective(Seq2SeqObjective):
         super().__init__(cfg)
         self.curve_file, self.curve_limit, self.max_new_tokens = curve_file, curve_limit, max_new_tokens
         self.constrained = constrained
+        # the training file's predicates, read once rather than at every evaluation
+        self.predicates = known_predicates(load_test_file(cfg.train_file)[1]) if constrained else None
         if not cfg.valid_file:
             self.best_metric = None  # no eval loss to pick a best model by; the F1 curve alone
 
@@ -52,7 +54,7 @@ class ExtractionObjective(Seq2SeqObjective):
             dev = evaluate("", self.curve_file, batch_size=self.cfg.eval_batch_size, limit=self.curve_limit,
                            max_new_tokens=self.max_new_tokens, max_source_len=self.cfg.max_source_len,
                            num_threads=self.cfg.num_threads or 2, model=model, tokenizer=self.tokenizer,
-                           progress=False, constrained=self.constrained, predicates_from=self.cfg.train_file)
+                           progress=False, constrained=self.constrained, predicates=self.predicates)
             model.train()
             metrics.update(dev_f1=dev["f1"], dev_precision=dev["precision"], dev_recall=dev["recall"],
                            dev_sentences=dev["sentences"], dev_eval_s=round(time.perf_counter() - t, 1))
