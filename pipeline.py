@@ -58,6 +58,8 @@ class Stage:
     after: Optional[Callable[[], dict]] = None
     # the folder of the stage's output, where its summary.json goes (default: <state dir>/<name>)
     out_dir: Optional[str] = None
+    # run the commands side by side (each its own log, <name>.<i>.log) instead of one after the other
+    parallel: bool = False
 
 
 def summary_path(state_dir: Path, stage: Stage) -> Path:
@@ -68,8 +70,9 @@ def stage_complete(state_dir: Path, stage: Stage) -> bool:
     return summary_path(state_dir, stage).is_file() and all(Path(o).exists() for o in stage.outputs)
 
 
-def run_command(cmd: list[str], log_file: Path, env: Optional[dict] = None) -> dict:
-    """Run one command, tee its output to a log, and return wall time, peak RSS and exit status."""
+def run_command(cmd: list[str], log_file: Path, env: Optional[dict] = None, prefix: str = "") -> dict:
+    """Run one command, tee its output to a log (on the console each line after ``prefix``), and return wall
+    time, peak RSS and exit status."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(log_file, "a", encoding="utf-8") as log:
@@ -79,7 +82,7 @@ def run_command(cmd: list[str], log_file: Path, env: Optional[dict] = None) -> d
                                 bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
-            sys.stdout.write(line)
+            sys.stdout.write(prefix + line)
             log.write(line)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -106,16 +109,11 @@ def run_stages(stages: list[Stage], state_dir: str | Path, force: tuple[str, ...
         resuming = started.exists() and stage.name not in force
         console.rule(f"[bold]{stage.name}[/] {stage.description}" + (" (resuming)" if resuming else ""))
         started.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
-        runs = []
-        for i, cmd in enumerate(stage.commands):
-            if resuming and i == len(stage.commands) - 1:
-                cmd = cmd + stage.resume_args
-            console.print(f"[cyan]$ {shlex.join(cmd)}[/]")
-            r = run_command(cmd, state / f"{stage.name}.log", env=env)
-            runs.append(r)
-            if r["returncode"] != 0:
-                raise RuntimeError(f"stage {stage.name!r} failed (exit {r['returncode']}) running: {r['cmd']}\n"
-                                   f"see {state / (stage.name + '.log')}; run the pipeline again to resume")
+        commands = [cmd + (stage.resume_args if resuming and i == len(stage.commands) - 1 else [])
+                    for i, cmd in enumerate(stage.commands)]
+        t_commands = time.time()
+        runs = (_run_side_by_side if stage.parallel else _run_in_turn)(commands, state, stage.name, env)
+        t_commands = time.time() - t_commands
         t_after = time.time()
         figures = stage.after() if stage.after else None
         t_after = time.time() - t_after
@@ -123,9 +121,10 @@ def run_stages(stages: list[Stage], state_dir: str | Path, force: tuple[str, ...
         if missing:
             raise RuntimeError(f"stage {stage.name!r} finished but did not write {', '.join(missing)}")
         info = {"stage": stage.name, "description": stage.description, "commands": runs,
-                "wall_s": round(sum(r["wall_s"] for r in runs) + t_after, 2),
-                # in-process steps share the pipeline's own memory: no separate figure for them
-                "peak_rss_mb": max([r["peak_rss_mb"] for r in runs], default=None),
+                "wall_s": round(t_commands + t_after, 2),
+                # in-process steps share the pipeline's own memory: no separate figure for them; commands side by
+                # side count their peaks added (a bound: the peaks need not coincide)
+                "peak_rss_mb": (sum if stage.parallel else max)([r["peak_rss_mb"] for r in runs]) if runs else None,
                 "pipeline_peak_rss_mb": _own_peak_rss_mb(),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "figures": figures}
         summary.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +134,35 @@ def run_stages(stages: list[Stage], state_dir: str | Path, force: tuple[str, ...
         rss = f", peak RSS {info['peak_rss_mb']:.0f} MB" if info["peak_rss_mb"] is not None else ""
         console.print(f"[green]{stage.name} done in {info['wall_s']:.1f} s{rss}[/]")
     return results
+
+
+def _run_in_turn(commands: list[list[str]], state: Path, name: str, env: Optional[dict]) -> list[dict]:
+    runs = []
+    for cmd in commands:
+        console.print(f"[cyan]$ {shlex.join(cmd)}[/]")
+        runs.append(run_command(cmd, state / f"{name}.log", env=env))
+        _raise_if_failed(runs[-1], name, state / f"{name}.log")
+    return runs
+
+
+def _run_side_by_side(commands: list[list[str]], state: Path, name: str, env: Optional[dict]) -> list[dict]:
+    """All commands at once, each with its own log and a [i] before its console lines; raises once all ended."""
+    from concurrent.futures import ThreadPoolExecutor
+    logs = [state / f"{name}.{i}.log" for i in range(len(commands))]
+    for i, cmd in enumerate(commands):
+        console.print(f"[cyan][{i}] $ {shlex.join(cmd)}[/]")
+    with ThreadPoolExecutor(max_workers=max(1, len(commands))) as pool:
+        runs = list(pool.map(lambda i: run_command(commands[i], logs[i], env=env, prefix=f"[{i}] "),
+                             range(len(commands))))
+    for r, log in zip(runs, logs):
+        _raise_if_failed(r, name, log)
+    return runs
+
+
+def _raise_if_failed(r: dict, name: str, log: Path) -> None:
+    if r["returncode"] != 0:
+        raise RuntimeError(f"stage {name!r} failed (exit {r['returncode']}) running: {r['cmd']}\n"
+                           f"see {log}; run the pipeline again to resume")
 
 
 def _own_peak_rss_mb() -> float:
@@ -381,12 +409,14 @@ def ie_stage(cfg: PipelineConfig) -> Stage:
         if cfg.ie_scratch:  # the same budget from random init: what pretraining is worth, measured
             shape = {k: cfg.pretrain[k] for k in ("model_overrides", "dropout_rate") if k in cfg.pretrain}
             cmds.append(PY + common + [f"--tokenizer_dir={root / 'tokenizer'}", f"--preset={_preset(cfg)}",
-                                       f"--output_dir={root / 'ie_scratch'}", f"--data_dir={root / 'ie_data'}"]
+                                       f"--output_dir={root / 'ie_scratch'}",
+                                       f"--data_dir={root / ('ie_scratch_data' if cfg.ie_parallel else 'ie_data')}"]
                         + _flags(dict(shape, **cfg.ie)))
             runs["from random init, same budget"] = "ie_scratch"
     else:
         cmds = [PY + [ie_py + "finetune.py", "demo", f"--model_dir={root}", f"--output_dir={out}"]]
-    return Stage("ie", cmds, [str(out)], "triple extraction", after=lambda: ie_figures(root, runs), out_dir=str(out))
+    return Stage("ie", cmds, [str(out)], "triple extraction", after=lambda: ie_figures(root, runs), out_dir=str(out),
+                 parallel=cfg.ie_parallel)
 
 
 def export_final(cfg: PipelineConfig) -> dict:

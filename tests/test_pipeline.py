@@ -59,6 +59,31 @@ def test_failed_stage_raises_and_resumes_with_resume_args(tmp_path):
     assert summary["stage"] == "train" and not (tmp_path / "state" / "train.started").exists()
 
 
+def _meet(mine: Path, other: Path, fail: bool = False) -> list[str]:
+    """A command that leaves ``mine`` and waits (20 s at most) for ``other``: two of them end only side by side."""
+    return [sys.executable, "-c",
+            f"import os, sys, time; open({str(mine)!r}, 'w').write('here')\n"
+            f"end = time.time() + 20\n"
+            f"while not os.path.exists({str(other)!r}) and time.time() < end: time.sleep(0.05)\n"
+            f"print('met' if os.path.exists({str(other)!r}) else 'alone'); sys.exit({3 if fail else 0})"]
+
+
+def test_parallel_stage_runs_its_commands_side_by_side_each_with_its_own_log(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    state = tmp_path / "state"
+    run_stages([Stage("pair", [_meet(a, b), _meet(b, a)], [str(a), str(b)], parallel=True)], state)
+    # one after the other, the first would wait out its 20 s and print "alone"
+    assert [(state / f"pair.{i}.log").read_text().split()[-1] for i in (0, 1)] == ["met", "met"]
+    summary = json.loads((state / "pair" / "summary.json").read_text())
+    assert summary["wall_s"] < 20 and len(summary["commands"]) == 2
+    assert summary["peak_rss_mb"] == pytest.approx(sum(r["peak_rss_mb"] for r in summary["commands"]))
+    a.unlink(), b.unlink()
+    with pytest.raises(RuntimeError, match=r"(?s)stage 'pair' failed \(exit 3\).*pair\.1\.log"):
+        run_stages([Stage("pair", [_meet(a, b), _meet(b, a, fail=True)], [str(a)], parallel=True)], state,
+                   force=("pair",))
+    assert (state / "pair.0.log").read_text().split()[-1] == "met"  # the other command ran to its end
+
+
 def test_profiles_are_valid_configs():
     for name in ("demo", "cpu", "gpu"):
         cfg = make_config(PipelineConfig, name, PIPELINE_PROFILES)

@@ -221,7 +221,8 @@ def process(train_file: str, dev_file: Optional[str] = None, out_dir: str = "dat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats = ReadStats()
-    df = to_frame(train_file, stats, keep_empty, tok, max_source_len, max_target_len, sentence_order)
+    pairs = list(read_ie_file(train_file, stats, keep_empty))
+    df = pairs_frame(pairs, stats, str(train_file), tok, max_source_len, max_target_len, sentence_order)
     console.print(report(stats, str(train_file)))
     if df.empty:
         raise ValueError(f"{train_file}: no usable rows ({'; '.join(stats.first_errors)})")
@@ -230,7 +231,7 @@ def process(train_file: str, dev_file: Optional[str] = None, out_dir: str = "dat
     paths = {"train": out / "train.parquet"}
     train = df.iloc[n_valid:]
     if augment_copies > 0:
-        train = pd.concat([train, swapped_rows(train_file, set(train["prompt"]), augment_copies, seed, tok,
+        train = pd.concat([train, swapped_rows(pairs, set(train["prompt"]), augment_copies, seed, tok,
                                                max_source_len, max_target_len, sentence_order, console)],
                           ignore_index=True)
         train = train.sample(frac=1.0, random_state=seed).reset_index(drop=True)
@@ -249,10 +250,10 @@ def process(train_file: str, dev_file: Optional[str] = None, out_dir: str = "dat
     return {k: str(v) for k, v in paths.items()}
 
 
-def swapped_rows(train_file: str, prompts: set[str], copies: int, seed: int, tokenizer, max_source_len: int,
-                 max_target_len: int, sentence_order: bool, console: Console) -> pd.DataFrame:
-    """Entity-swapped rows of the training sentences whose prompts are in ``prompts`` (the training part)."""
-    pairs = [(t, tr) for t, tr in read_ie_file(train_file) if make_prompt(t) in prompts]
+def swapped_rows(pairs: list[tuple[str, list[Triple]]], prompts: set[str], copies: int, seed: int, tokenizer,
+                 max_source_len: int, max_target_len: int, sentence_order: bool, console: Console) -> pd.DataFrame:
+    """Entity-swapped rows of the (text, triples) ``pairs`` whose prompts are in ``prompts`` (the training part)."""
+    pairs = [(t, tr) for t, tr in pairs if make_prompt(t) in prompts]
     swapped, failed = augment(pairs, copies, seed)
     stats = ReadStats(rows=len(swapped), kept=len(swapped))
     rows = pairs_frame(swapped, stats, "entity swaps", tokenizer, max_source_len, max_target_len, sentence_order)
