@@ -236,7 +236,7 @@ def ceval_section(summaries: dict, plots: Path) -> str:
             + _table(["category", "subjects", "questions", "accuracy"], rows) + "\n" + plot)
 
 
-def ie_section(summaries: dict, plots: Path, settings: Optional[dict] = None) -> str:
+def ie_section(summaries: dict, plots: Path, settings: Optional[dict] = None, side_by_side: bool = False) -> str:
     runs = _figures(summaries, "ie").get("runs") or {}
     if not runs:
         return "## Triple extraction\n\nnot run\n"
@@ -264,8 +264,15 @@ def ie_section(summaries: dict, plots: Path, settings: Optional[dict] = None) ->
     flags = " ".join(f"`--{k}={v}`" for k, v in (settings or {}).items() if k not in ("progress", "num_threads"))
     return ("## Triple extraction\n\nMicro P/R/F1 on DuIE dev sentences never trained on; both runs have the "
             "same training budget, so the gap is what pretraining is worth."
-            + (f" Both runs: {flags}." if flags else "") + "\n\n"
+            + (f" Both runs: {flags}." if flags else "")
+            + (_side_by_side((settings or {}).get("num_threads")) if side_by_side and len(runs) > 1 else "")
+            + "\n\n"
             + _table(["metric"] + list(runs), rows) + "\n" + plot)
+
+
+def _side_by_side(threads: Optional[int]) -> str:
+    each = f"{threads} thread{'s' if threads != 1 else ''} each" if threads else "sharing the machine's threads"
+    return f" The two runs ran side by side, {each}, for the same wall-clock budget."
 
 
 def copy_section(summaries: dict, plots: Path) -> str:
@@ -381,7 +388,8 @@ def write_report_card(cfg) -> Path:
     sections = [f"# Report card: profile `{cfg.profile}`\n", data_section(summaries, plots),
                 tokenizer_section(summaries), quality_section(summaries, plots), copy_section(summaries, plots),
                 curves_section(summaries, plots),
-                dpo_section(summaries), ceval_section(summaries, plots), ie_section(summaries, plots, cfg.ie),
+                dpo_section(summaries), ceval_section(summaries, plots),
+                ie_section(summaries, plots, cfg.ie, cfg.ie_parallel),
                 chat_section(summaries), stages_section(summaries), versions_section(cfg)]
     out = root / "report.md"
     out.write_text("\n".join(sections), encoding="utf-8")

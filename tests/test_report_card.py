@@ -76,3 +76,14 @@ def test_data_and_tokenizer_sections_come_from_their_summaries(tmp_path):
     text = write_report_card(make_config(PipelineConfig, "demo", PIPELINE_PROFILES, root=str(root))).read_text()
     assert "| a | 10 | 7 | 1 | 2 | 100 | 70 |" in text and "Read = kept + dropped: True" in text
     assert "vocabulary: 1,024 tokens (char level)" in text and "characters per token on the validation split: 1.500" in text
+
+
+def test_ie_section_says_when_its_two_runs_shared_the_machine_side_by_side(tmp_path):
+    from eval.report_card import ie_section
+    run = {"dev": {"f1": 0.25}, "steps": 10, "train_minutes": 1.0}
+    _summary(tmp_path / "ie", "ie", {"runs": {"pretrained": run, "random init": run}})
+    summaries = gather(tmp_path)
+    said = "The two runs ran side by side, 1 thread each, for the same wall-clock budget."
+    assert said in ie_section(summaries, tmp_path, {"num_threads": 1}, side_by_side=True)
+    assert "side by side" not in ie_section(summaries, tmp_path, {"num_threads": 1}, side_by_side=False)
+    assert "side by side, 2 threads each" in ie_section(summaries, tmp_path, {"num_threads": 2}, side_by_side=True)
