@@ -17,12 +17,14 @@ measured in the same run. Rounds alternate the trainers and the best round of ea
     python bench/bench_train.py --quick
     python bench/bench_train.py --device cuda --preset base --bf16 --batch_size 1 --steps 200
     python bench/bench_train.py precision --shape cpu   # fp32 against bf16 autocast on this CPU, same run
+    python bench/bench_train.py side_by_side            # two runs at once, 1 thread each, against in turn at 2
 
 Last line: one JSON object {"bench": "train", "ratio": ..., ...}.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -249,6 +251,46 @@ def precision(shape: str = "cpu", steps: int = 300, rounds: int = 2, batch_size:
     return result
 
 
+def _train_timed(kw: dict) -> dict:
+    """One training run in its own process (its own thread count): updates and wall seconds of its loop."""
+    from model.training.trainer import train, train_config
+    torch.set_num_threads(kw["num_threads"])
+    res = train(train_config(None, **kw))
+    return {"steps": res["steps"], "runtime_s": res["runtime_s"], "loss": res.get("loss")}
+
+
+def side_by_side(shape: str = "cpu", steps: int = 300, threads: int = 2, batch_size: int = 16, max_len: int = 128,
+                 train_file: str = str(DEFAULT_DATA), out_dir: str = "bench/out/train_side_by_side") -> dict:
+    """Two training runs on a machine of ``threads`` cores: one after the other at ``threads`` threads each (the
+    baseline) against side by side at ``threads // 2`` each, the same model, data and updates. Figure: updates per
+    wall-second of the training loops together; ``ratio`` = side by side / in turn. Wall-clock: run it on a quiet
+    machine. The pipeline's two IE fine-tunes (``PipelineConfig.ie_parallel``) are such a pair."""
+    import multiprocessing as mp
+    from config import CPU_MODEL
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    preset, overrides = ("small", CPU_MODEL) if shape == "cpu" else (shape, {})
+    init = prepare(out, train_file, preset, 8192, max_len, overrides)
+    base = dict(preset=preset, train_file=train_file, valid_file=None, init_from=str(init),
+                batch_size_per_gpu=batch_size, max_steps=steps, max_source_len=max_len, max_target_len=max_len,
+                learning_rate=1e-3, lr_scheduler="constant", warmup_steps=0, save_steps=10 ** 9, eval_steps=10 ** 9,
+                logging_steps=steps, log_with="none", show_progress=False, cpu=True, keep_last_n=1, save_best=False)
+    runs = [dict(base, seed=seed, output_dir=str(out / f"run{seed}")) for seed in (1, 2)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:  # in turn: the baseline
+        in_turn = [pool.apply(_train_timed, (dict(r, num_threads=threads),)) for r in runs]
+    with ctx.Pool(2) as pool:
+        together = pool.map(_train_timed, [dict(r, num_threads=max(1, threads // 2)) for r in runs])
+    rate_turn = sum(r["steps"] for r in in_turn) / sum(r["runtime_s"] for r in in_turn)
+    rate_side = sum(r["steps"] for r in together) / max(r["runtime_s"] for r in together)
+    result = {"bench": "train_side_by_side", "ratio": round(rate_side / rate_turn, 3), "shape": shape,
+              "steps": steps, "threads": threads, "cpu_count": os.cpu_count(),
+              "in_turn_updates_per_s": round(rate_turn, 3), "side_by_side_updates_per_s": round(rate_side, 3),
+              "in_turn": in_turn, "side_by_side": together}
+    print(json.dumps(result))
+    return result
+
+
 def _cli(**kwargs) -> None:
     main(**kwargs)
 
@@ -257,5 +299,7 @@ if __name__ == "__main__":
     import sys
     if sys.argv[1:2] == ["precision"]:
         fire.Fire(lambda **kw: precision(**kw) and None, sys.argv[2:])
+    elif sys.argv[1:2] == ["side_by_side"]:
+        fire.Fire(lambda **kw: side_by_side(**kw) and None, sys.argv[2:])
     else:
         fire.Fire(_cli)
