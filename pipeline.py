@@ -111,17 +111,15 @@ def run_stages(stages: list[Stage], state_dir: str | Path, force: tuple[str, ...
         started.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
         commands = [cmd + (stage.resume_args if resuming and i == len(stage.commands) - 1 else [])
                     for i, cmd in enumerate(stage.commands)]
-        t_commands = time.time()
+        t0 = time.time()
         runs = (_run_side_by_side if stage.parallel else _run_in_turn)(commands, state, stage.name, env)
-        t_commands = time.time() - t_commands
-        t_after = time.time()
         figures = stage.after() if stage.after else None
-        t_after = time.time() - t_after
+        wall_s = time.time() - t0
         missing = [o for o in stage.outputs if not Path(o).exists()]
         if missing:
             raise RuntimeError(f"stage {stage.name!r} finished but did not write {', '.join(missing)}")
         info = {"stage": stage.name, "description": stage.description, "commands": runs,
-                "wall_s": round(t_commands + t_after, 2),
+                "wall_s": round(wall_s, 2),
                 # in-process steps share the pipeline's own memory: no separate figure for them; commands side by
                 # side count their peaks added (a bound: the peaks need not coincide)
                 "peak_rss_mb": (sum if stage.parallel else max)([r["peak_rss_mb"] for r in runs]) if runs else None,
